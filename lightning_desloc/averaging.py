@@ -1,0 +1,127 @@
+"""The one place DES-LOC's averaging collectives happen: flatten -> all-reduce -> mean -> unflatten.
+
+Everything due in one step travels in one coalesced round: the tensors are grouped by dtype and
+device, packed into flat buckets of at most ``bucket_cap_bytes``, all buckets are all-reduced
+asynchronously, and the mean is copied back in place. Each round is recorded in a
+:class:`~lightning_desloc.ledger.CommLedger` by category.
+
+Example, run on every rank of an initialised process group::
+
+    ledger = CommLedger()
+    average_({"params": list(model.parameters()),
+              "state/exp_avg": [opt.state[p]["exp_avg"] for p in model.parameters()]}, ledger)
+    ledger.bytes   # {'params': 4 * n_params, 'state/exp_avg': 4 * n_params} for float32
+
+With one process nothing is sent and nothing is recorded.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from lightning_desloc.ledger import CommLedger
+
+DEFAULT_BUCKET_CAP_BYTES = 64 * 2**20
+
+
+def _nbytes(t: Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _buckets(tensors: Sequence[Tensor], cap: int) -> list[list[Tensor]]:
+    """Split same-dtype tensors, in order, into lists of at most ``cap`` bytes (a larger tensor goes alone)."""
+    out: list[list[Tensor]] = [[]]
+    size = 0
+    for t in tensors:
+        if out[-1] and size + _nbytes(t) > cap:
+            out.append([])
+            size = 0
+        out[-1].append(t)
+        size += _nbytes(t)
+    return [b for b in out if b]
+
+
+def _unflatten_into(flat: Tensor, bucket: Sequence[Tensor]) -> None:
+    offset = 0
+    for t in bucket:
+        n = t.numel()
+        t.copy_(flat[offset : offset + n].view_as(t))
+        offset += n
+
+
+def _world_size(group: Optional[Any]) -> int:
+    return dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
+
+
+def average_(
+    tensors_by_category: Mapping[str, Sequence[Tensor]],
+    ledger: Optional[CommLedger] = None,
+    group: Optional[Any] = None,
+    bucket_cap_bytes: int = DEFAULT_BUCKET_CAP_BYTES,
+) -> None:
+    """Replace every tensor by its mean over the ranks of ``group``, in one coalesced round.
+
+    Args:
+        tensors_by_category: tensors to average, keyed by ledger category (``"params"``,
+            ``"state/exp_avg"``, ...). Integer tensors are not averaged; leave them out.
+        ledger: where the round's payload bytes are recorded per category.
+        group: process group; the default group when ``None``.
+        bucket_cap_bytes: largest flat buffer handed to one all-reduce, in bytes.
+    """
+    flat_list = [(cat, t) for cat, ts in tensors_by_category.items() for t in ts]
+    if not flat_list:
+        return
+    world = _world_size(group)
+    if world == 1:
+        return  # nothing to average and nothing sent
+    if ledger is not None:
+        per_cat: dict[str, int] = defaultdict(int)
+        for cat, t in flat_list:
+            per_cat[cat] += _nbytes(t)
+        ledger.record(per_cat)
+    by_kind: dict[tuple[torch.dtype, torch.device], list[Tensor]] = defaultdict(list)
+    for _, t in flat_list:
+        if not t.is_floating_point():
+            raise TypeError(f"only floating tensors can be averaged, got {t.dtype}")
+        by_kind[(t.dtype, t.device)].append(t)
+    pending = []
+    for tensors in by_kind.values():
+        for bucket in _buckets(tensors, bucket_cap_bytes):
+            flat = torch.cat([t.detach().reshape(-1) for t in bucket])
+            work = dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group, async_op=True)
+            pending.append((work, flat, bucket))
+    with torch.no_grad():
+        for work, flat, bucket in pending:
+            work.wait()
+            flat.div_(world)
+            _unflatten_into(flat, bucket)
+
+
+def broadcast_(
+    tensors: Sequence[Tensor],
+    src: int = 0,
+    ledger: Optional[CommLedger] = None,
+    category: str = "setup",
+    group: Optional[Any] = None,
+    bucket_cap_bytes: int = DEFAULT_BUCKET_CAP_BYTES,
+) -> None:
+    """Overwrite ``tensors`` on every rank with rank ``src``'s values, coalesced like :func:`average_`."""
+    if not tensors or _world_size(group) == 1:
+        return
+    if ledger is not None:
+        ledger.record({category: sum(_nbytes(t) for t in tensors)})
+    by_kind: dict[tuple[torch.dtype, torch.device], list[Tensor]] = defaultdict(list)
+    for t in tensors:
+        by_kind[(t.dtype, t.device)].append(t)
+    with torch.no_grad():
+        for same in by_kind.values():
+            for bucket in _buckets(same, bucket_cap_bytes):
+                flat = torch.cat([t.detach().reshape(-1) for t in bucket])
+                dist.broadcast(flat, src=src, group=group)
+                _unflatten_into(flat, bucket)

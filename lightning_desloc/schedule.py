@@ -1,0 +1,143 @@
+"""Which tensors are due for averaging after optimizer step ``s``: a pure object, no processes.
+
+DES-LOC gives the parameters and every optimizer state its own averaging period. Counting completed
+optimizer steps ``s = 1, 2, ...``, right after local step ``s``
+
+* the parameters are averaged when ``s % param_sync_every == 0``;
+* optimizer state ``k`` (``exp_avg``, ``exp_avg_sq``, ``momentum_buffer``, ...) is averaged when
+  ``s % state_sync_every[k] == 0``.
+
+Example::
+
+    >>> sched = SyncSchedule(param_sync_every=4)          # paper defaults for the states
+    >>> sched.state_sync_every["exp_avg"], sched.state_sync_every["exp_avg_sq"]
+    (12, 24)
+    >>> sched.due(4)
+    SyncPlan(step=4, params=True, states=())
+    >>> sched.due(24, state_keys=["exp_avg", "exp_avg_sq"])
+    SyncPlan(step=24, params=True, states=('exp_avg', 'exp_avg_sq'))
+    >>> sched.due(12, state_keys=["exp_avg", "exp_avg_sq"])
+    SyncPlan(step=12, params=True, states=('exp_avg',))
+    >>> sched.due(5).empty
+    True
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+#: First-moment (momentum-like) state keys of torch's optimizers; default period ``3 * K_x``.
+FIRST_MOMENT_KEYS: tuple[str, ...] = ("exp_avg", "momentum_buffer", "grad_avg")
+#: Second-moment (variance/scale) state keys; default period ``6 * K_x``.
+SECOND_MOMENT_KEYS: tuple[str, ...] = ("exp_avg_sq", "max_exp_avg_sq", "exp_inf", "square_avg", "acc_delta", "sum")
+#: Keys that are never averaged, whatever their shape: counters are equal on every rank by construction.
+NEVER_AVERAGED_KEYS: frozenset[str] = frozenset({"step", "mu_product"})
+
+FIRST_MOMENT_FACTOR = 3
+SECOND_MOMENT_FACTOR = 6
+
+StateSyncEvery = Union[int, Mapping[str, int], None]
+
+
+def _check_period(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(
+            f"{name} must be a positive integer number of optimizer steps, got {value!r}. "
+            f"Pass e.g. {name}=256."
+        )
+    return value
+
+
+def default_state_periods(param_sync_every: int) -> dict[str, int]:
+    """The paper's recommendation: first moments every ``3 * K_x`` steps, second moments every ``6 * K_x``."""
+    periods = {key: FIRST_MOMENT_FACTOR * param_sync_every for key in FIRST_MOMENT_KEYS}
+    periods.update({key: SECOND_MOMENT_FACTOR * param_sync_every for key in SECOND_MOMENT_KEYS})
+    return periods
+
+
+@dataclass(frozen=True)
+class SyncPlan:
+    """What is averaged right after optimizer step ``step``: the parameters and/or these state keys."""
+
+    step: int
+    params: bool
+    states: tuple[str, ...] = ()
+
+    @property
+    def empty(self) -> bool:
+        return not self.params and not self.states
+
+
+@dataclass(frozen=True)
+class SyncSchedule:
+    """Averaging periods, in optimizer steps, for the parameters and for each optimizer state key.
+
+    Args:
+        param_sync_every: ``K_x``, steps between parameter averages.
+        state_sync_every: ``None`` for the paper's defaults (first moments every ``3 * K_x``, second
+            moments every ``6 * K_x``); an ``int`` to use one period for every state (``K_x`` gives
+            Local Adam); or a ``{key: period}`` dict whose entries override the defaults.
+    """
+
+    param_sync_every: int = 256
+    state_sync_every: Mapping[str, int] = field(default_factory=dict)
+
+    def __init__(self, param_sync_every: int = 256, state_sync_every: StateSyncEvery = None) -> None:
+        k_x = _check_period("param_sync_every", param_sync_every)
+        periods = default_state_periods(k_x)
+        if isinstance(state_sync_every, Mapping):
+            for key, period in state_sync_every.items():
+                if key in NEVER_AVERAGED_KEYS:
+                    raise ValueError(f"state_sync_every[{key!r}]: {key!r} is a counter and is never averaged; remove it.")
+                periods[str(key)] = _check_period(f"state_sync_every[{key!r}]", period)
+        elif state_sync_every is not None:
+            one = _check_period("state_sync_every", state_sync_every)
+            periods = {key: one for key in periods}
+            # an int means "this period for every state", including keys we have no default for
+            object.__setattr__(self, "_uniform_state_period", one)
+        object.__setattr__(self, "param_sync_every", k_x)
+        object.__setattr__(self, "state_sync_every", dict(sorted(periods.items())))
+
+    @property
+    def uniform_state_period(self) -> Optional[int]:
+        """The single period given for all states as an int, or ``None`` when periods are per key."""
+        return getattr(self, "_uniform_state_period", None)
+
+    def period_of(self, key: str) -> Optional[int]:
+        """Period of state ``key`` in optimizer steps, or ``None`` when the schedule has none for it."""
+        if key in self.state_sync_every:
+            return self.state_sync_every[key]
+        return self.uniform_state_period
+
+    def check_keys(self, keys: Iterable[str]) -> None:
+        """Raise a ``ValueError`` naming every averaged state key that has no period."""
+        missing = sorted({k for k in keys if self.period_of(k) is None})
+        if missing:
+            example = ", ".join(f"{k!r}: {3 * self.param_sync_every}" for k in missing)
+            raise ValueError(
+                f"The optimizer keeps per-parameter state {missing} but DES-LOC has no averaging period for it. "
+                f"Set one with DeslocStrategy(state_sync_every={{{example}}}) "
+                f"or give a single int period for every state."
+            )
+
+    def due(self, step: int, state_keys: Optional[Iterable[str]] = None) -> SyncPlan:
+        """What is averaged right after completed optimizer step ``step`` (1-based).
+
+        ``state_keys`` restricts the states to those an optimizer actually holds; by default every key
+        with a period is considered.
+        """
+        if step < 1:
+            raise ValueError(f"optimizer steps are counted from 1, got {step}")
+        keys = self.state_sync_every.keys() if state_keys is None else state_keys
+        states = tuple(sorted(k for k in set(keys) if (p := self.period_of(k)) is not None and step % p == 0))
+        return SyncPlan(step=step, params=step % self.param_sync_every == 0, states=states)
+
+    def count(self, steps: int, state_keys: Iterable[str]) -> dict[str, int]:
+        """How many times each of params and ``state_keys`` is averaged in steps ``1..steps``."""
+        counts = {"params": steps // self.param_sync_every}
+        for key in state_keys:
+            period = self.period_of(key)
+            counts[key] = 0 if period is None else steps // period
+        return counts

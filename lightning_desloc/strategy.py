@@ -1,0 +1,370 @@
+"""``DeslocStrategy``: Lightning hooks wired to the schedule, the averaging and the ledger."""
+
+from __future__ import annotations
+
+import logging
+import pickle
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from datetime import timedelta
+from typing import Any, Callable, Literal, Optional, Union
+
+import lightning.pytorch as pl
+import torch
+import torch.distributed as dist
+from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
+from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
+from lightning.fabric.utilities.distributed import _distributed_is_initialized
+from lightning.fabric.utilities.optimizer import _optimizers_to_device
+from lightning.pytorch.plugins.precision import Precision
+from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
+from lightning.pytorch.trainer.states import TrainerFn
+from torch import Tensor
+from torch.optim import Optimizer
+
+from lightning_desloc.averaging import DEFAULT_BUCKET_CAP_BYTES, average_, broadcast_
+from lightning_desloc.ledger import CommLedger
+from lightning_desloc.schedule import NEVER_AVERAGED_KEYS, StateSyncEvery, SyncPlan, SyncSchedule
+
+log = logging.getLogger(__name__)
+
+ValidateOn = Literal["consensus", "local"]
+
+
+def averaged_state_keys(optimizer: Optimizer) -> set[str]:
+    """State keys of ``optimizer`` that DES-LOC averages: per-parameter floating tensors, not counters."""
+    keys: set[str] = set()
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            for key, value in optimizer.state.get(p, {}).items():
+                if _is_averaged(key, value, p):
+                    keys.add(key)
+    return keys
+
+
+def _is_averaged(key: str, value: Any, param: Tensor) -> bool:
+    if key in NEVER_AVERAGED_KEYS or not isinstance(value, Tensor) or not value.is_floating_point():
+        return False
+    return value.dim() > 0 or param.dim() == 0
+
+
+def _params(optimizer: Optimizer) -> list[Tensor]:
+    return [p for group in optimizer.param_groups for p in group["params"]]
+
+
+class _LedgerReturningLauncher(_MultiProcessingLauncher):
+    """Spawn/fork launcher that also brings rank 0's ledger and step counters back to the main process."""
+
+    def get_extra_results(self, trainer: "pl.Trainer") -> dict[str, Any]:
+        extra = super().get_extra_results(trainer)
+        strategy = trainer.strategy
+        assert isinstance(strategy, DeslocStrategy)
+        extra["desloc"] = {"ledger": strategy.ledger.state_dict(), "optimizer_steps": list(strategy.optimizer_steps)}
+        return extra
+
+    def update_main_process_results(self, trainer: "pl.Trainer", extra: dict[str, Any]) -> None:
+        super().update_main_process_results(trainer, extra)
+        strategy = trainer.strategy
+        assert isinstance(strategy, DeslocStrategy)
+        strategy.ledger.load_state_dict(extra["desloc"]["ledger"])
+        strategy.optimizer_steps = extra["desloc"]["optimizer_steps"]
+
+
+class DeslocStrategy(DDPStrategy):
+    """DES-LOC: local optimizer steps, parameters and each optimizer state averaged on its own period.
+
+    No gradient is ever all-reduced. Counting completed optimizer steps ``s = 1, 2, ...`` (gradient
+    accumulation counts once; a step skipped by an AMP scaler does not count), right after local step
+    ``s`` the parameters are averaged when ``s % param_sync_every == 0`` and optimizer state ``k`` when
+    ``s % state_sync_every[k] == 0``, all in one coalesced all-reduce round. Scalar state (``step``)
+    stays local. Rank 0's parameters and buffers are broadcast at setup.
+
+    Args:
+        param_sync_every: ``K_x``, optimizer steps between parameter averages.
+        state_sync_every: periods of the optimizer states, in optimizer steps. ``None``: first moments
+            (``exp_avg``, ``momentum_buffer``, ...) every ``3 * K_x``, second moments (``exp_avg_sq``,
+            ``max_exp_avg_sq``, ...) every ``6 * K_x``. An ``int``: one period for all states
+            (``param_sync_every`` gives Local Adam). A dict ``{key: period}`` overrides single keys.
+        validate_on: which model validation during ``fit`` evaluates. ``"consensus"`` (default): the
+            ranks' parameter mean, i.e. the model a checkpoint or the end of training gives you; it
+            costs one parameter all-reduce per validation run unless the parameters were just averaged
+            (ledger category ``eval``), and local parameters are restored afterwards. ``"local"``:
+            each rank's own parameters, no bytes.
+        bucket_cap_mb: largest flat buffer of one all-reduce, in MiB.
+        log_comm: log the communication ledger (``comm/...``) to the trainer's loggers at each sync.
+
+    The remaining arguments are those of :class:`~lightning.pytorch.strategies.DDPStrategy`.
+    """
+
+    strategy_name = "desloc"
+
+    def __init__(
+        self,
+        param_sync_every: int = 256,
+        state_sync_every: StateSyncEvery = None,
+        validate_on: ValidateOn = "consensus",
+        bucket_cap_mb: float = DEFAULT_BUCKET_CAP_BYTES / 2**20,
+        log_comm: bool = True,
+        accelerator: Optional["pl.accelerators.Accelerator"] = None,
+        parallel_devices: Optional[list[torch.device]] = None,
+        cluster_environment: Optional[ClusterEnvironment] = None,
+        checkpoint_io: Optional[CheckpointIO] = None,
+        precision_plugin: Optional[Precision] = None,
+        process_group_backend: Optional[str] = None,
+        timeout: Optional[timedelta] = default_pg_timeout,
+        start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
+    ) -> None:
+        super().__init__(
+            accelerator=accelerator,
+            parallel_devices=parallel_devices,
+            cluster_environment=cluster_environment,
+            checkpoint_io=checkpoint_io,
+            precision_plugin=precision_plugin,
+            process_group_backend=process_group_backend,
+            timeout=timeout,
+            start_method=start_method,
+        )
+        self.schedule = SyncSchedule(param_sync_every, state_sync_every)
+        if validate_on not in ("consensus", "local"):
+            raise ValueError(f"validate_on must be 'consensus' or 'local', got {validate_on!r}")
+        if not bucket_cap_mb > 0:
+            raise ValueError(f"bucket_cap_mb must be a positive size in MiB, got {bucket_cap_mb!r}")
+        self.validate_on: ValidateOn = validate_on
+        self.bucket_cap_bytes = int(bucket_cap_mb * 2**20)
+        self.log_comm = log_comm
+        self.ledger = CommLedger()
+        #: completed optimizer steps, one counter per optimizer (index in ``self.optimizers``)
+        self.optimizer_steps: list[int] = []
+        self._step_calls: list[int] = []
+        self._hooks: list[Any] = []
+        self._checked_keys: list[bool] = []
+        self._params_in_sync = True
+        self._stashed_local: Optional[list[Tensor]] = None
+        self._collective_category = "metrics"
+
+    # ------------------------------------------------------------------ validation of the setup
+    def _configure_launcher(self) -> None:
+        # Trainer sets _layer_sync just before this: fail before any process starts.
+        if self._layer_sync is not None:
+            raise ValueError(
+                "DeslocStrategy does not support sync_batchnorm=True: there is no DDP wrapper and ranks hold "
+                "different parameters between averages. Use Trainer(sync_batchnorm=False); BatchNorm running "
+                "statistics are averaged with the parameters."
+            )
+        super()._configure_launcher()
+        if self._start_method != "popen":
+            self._launcher = _LedgerReturningLauncher(self, start_method=self._start_method)
+
+    # ------------------------------------------------------------------ setup
+    def setup(self, trainer: "pl.Trainer") -> None:
+        assert self.accelerator is not None and self.model is not None
+        self.accelerator.setup(trainer)
+        self.precision_plugin.convert_module(self.model)
+        self.model_to_device()
+        # No DDP wrapper, so no gradient hooks; start every rank from rank 0's weights instead.
+        broadcast_(self._module_tensors(), src=0, ledger=self.ledger, category="setup")
+        self._params_in_sync = True
+        fitting = trainer.state.fn == TrainerFn.FITTING
+        if fitting:
+            self.setup_optimizers(trainer)
+        self.setup_precision_plugin()
+        if fitting:
+            _optimizers_to_device(self.optimizers, self.root_device)
+            self._attach_optimizers()
+
+    def _module_tensors(self) -> list[Tensor]:
+        assert self.model is not None
+        return [*self.model.parameters(), *self.model.buffers()]
+
+    def _float_buffers(self) -> list[Tensor]:
+        assert self.model is not None
+        return [b for b in self.model.buffers() if b.is_floating_point()]
+
+    def _attach_optimizers(self) -> None:
+        for handle in self._hooks:
+            handle.remove()
+        n = len(self.optimizers)
+        self._step_calls = [0] * n
+        if len(self.optimizer_steps) != n:
+            self.optimizer_steps = [0] * n
+        self._checked_keys = [False] * n
+        self._hooks = [opt.register_step_post_hook(self._make_step_hook(i)) for i, opt in enumerate(self.optimizers)]
+
+    def _make_step_hook(self, index: int) -> Callable:
+        def hook(optimizer: Optimizer, args: Any, kwargs: Any) -> None:
+            self._step_calls[index] += 1
+
+        return hook
+
+    # ------------------------------------------------------------------ the local phase and the sync
+    def optimizer_step(
+        self,
+        optimizer: Optimizer,
+        closure: Callable[[], Any],
+        model: Optional[Union["pl.LightningModule", torch.nn.Module]] = None,
+        **kwargs: Any,
+    ) -> Any:
+        index = self._optimizer_index(optimizer)
+        calls_before = self._step_calls[index]
+        output = super().optimizer_step(optimizer, closure, model, **kwargs)
+        if self._step_calls[index] == calls_before:
+            return output  # skipped (e.g. AMP found inf gradients): not a step
+        self.optimizer_steps[index] += 1
+        step = self.optimizer_steps[index]
+        self.ledger.add_ddp_equivalent(self._gradient_bytes(optimizer))
+        if not self._checked_keys[index]:
+            self.schedule.check_keys(averaged_state_keys(optimizer))
+            self._checked_keys[index] = True
+        plan = self.schedule.due(step, averaged_state_keys(optimizer))
+        self._params_in_sync = False
+        if not plan.empty:
+            self.sync(optimizer, plan, with_buffers=index == 0)
+        return output
+
+    def _optimizer_index(self, optimizer: Optimizer) -> int:
+        for i, opt in enumerate(self.optimizers):
+            if opt is optimizer:
+                return i
+        raise RuntimeError(
+            "DeslocStrategy was asked to step an optimizer that configure_optimizers did not return; "
+            "every optimizer must come from configure_optimizers so that its steps can be scheduled."
+        )
+
+    @staticmethod
+    def _gradient_bytes(optimizer: Optimizer) -> int:
+        return sum(p.numel() * p.element_size() for p in _params(optimizer) if p.requires_grad)
+
+    def sync(self, optimizer: Optimizer, plan: SyncPlan, with_buffers: bool = True) -> None:
+        """Average what ``plan`` says is due for ``optimizer``'s parameters and states, in one round."""
+        params = _params(optimizer)
+        due: dict[str, list[Tensor]] = {}
+        if plan.params:
+            due["params"] = params
+            if with_buffers and self._float_buffers():
+                due["buffers"] = self._float_buffers()
+        for key in plan.states:
+            due[f"state/{key}"] = [
+                optimizer.state[p][key]
+                for p in params
+                if p in optimizer.state and _is_averaged(key, optimizer.state[p].get(key), p)
+            ]
+        average_(due, self.ledger, bucket_cap_bytes=self.bucket_cap_bytes)
+        if plan.params and len(self.optimizers) == 1:
+            self._params_in_sync = True
+        self._log_ledger()
+
+    def average_parameters(self, category: str = "params") -> None:
+        """Average every parameter and floating buffer now; bytes go to ``category`` (buffers to
+        ``"buffers"`` when ``category`` is ``"params"``)."""
+        assert self.model is not None
+        tensors: dict[str, list[Tensor]] = {category: list(self.model.parameters())}
+        if self._float_buffers():
+            tensors.setdefault("buffers" if category == "params" else category, []).extend(self._float_buffers())
+        average_(tensors, self.ledger, bucket_cap_bytes=self.bucket_cap_bytes)
+        self._params_in_sync = True
+
+    def _log_ledger(self) -> None:
+        trainer = self.lightning_module.trainer if self.lightning_module is not None else None
+        if not self.log_comm or trainer is None or not trainer.loggers:
+            return
+        metrics = self.ledger.as_dict()
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+
+    # ------------------------------------------------------------------ validation and end of training
+    def on_validation_start(self) -> None:
+        super().on_validation_start()
+        trainer = self.lightning_module.trainer if self.lightning_module is not None else None
+        if self.validate_on != "consensus" or trainer is None or trainer.state.fn != TrainerFn.FITTING:
+            return
+        if self._params_in_sync:
+            return
+        self._stashed_local = [t.detach().clone() for t in self._consensus_tensors()]
+        self.average_parameters(category="eval")
+        self._params_in_sync = False  # the local parameters come back after validation
+
+    def on_validation_end(self) -> None:
+        if self._stashed_local is not None:
+            with torch.no_grad():
+                for t, local in zip(self._consensus_tensors(), self._stashed_local):
+                    t.copy_(local)
+            self._stashed_local = None
+        super().on_validation_end()
+
+    def _consensus_tensors(self) -> list[Tensor]:
+        assert self.model is not None
+        return [*self.model.parameters(), *self._float_buffers()]
+
+    def on_train_end(self) -> None:
+        # Leave every rank with the consensus, so the model the user saves or evaluates is the average.
+        if not self._params_in_sync:
+            self.average_parameters()
+            self._log_ledger()
+        super().on_train_end()
+
+    def teardown(self) -> None:
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
+        super().teardown()
+
+    # ------------------------------------------------------------------ metered Lightning collectives
+    @contextmanager
+    def _metered_as(self, category: str) -> Iterator[None]:
+        previous, self._collective_category = self._collective_category, category
+        try:
+            yield
+        finally:
+            self._collective_category = previous
+
+    def reduce(self, tensor: Any, group: Optional[Any] = None, reduce_op: Optional[Any] = "mean") -> Any:
+        if isinstance(tensor, Tensor) and _distributed_is_initialized() and self.world_size > 1:
+            self.ledger.record({self._collective_category: tensor.numel() * tensor.element_size()})
+        return super().reduce(tensor, group=group, reduce_op=reduce_op)
+
+    def all_gather(self, tensor: Tensor, group: Optional[Any] = None, sync_grads: bool = False) -> Tensor:
+        if _distributed_is_initialized() and self.world_size > 1:
+            self.ledger.record({self._collective_category: tensor.numel() * tensor.element_size()})
+        return super().all_gather(tensor, group=group, sync_grads=sync_grads)
+
+    def reduce_boolean_decision(self, decision: bool, all: bool = True) -> bool:
+        with self._metered_as("control"):
+            return super().reduce_boolean_decision(decision, all=all)
+
+    def barrier(self, *args: Any, **kwargs: Any) -> None:
+        if _distributed_is_initialized() and self.world_size > 1:
+            self.ledger.record({"control": 0})
+        super().barrier(*args, **kwargs)
+
+    def broadcast(self, obj: Any, src: int = 0) -> Any:
+        if not _distributed_is_initialized() or self.world_size == 1:
+            return obj
+        # Our own pickled broadcast (size, then payload) so that the bytes are known exactly.
+        payload = pickle.dumps(obj) if self.global_rank == src else b""
+        size = torch.tensor([len(payload)], dtype=torch.int64)
+        dist.broadcast(size, src=src)
+        buf = torch.empty(int(size.item()), dtype=torch.uint8)
+        if self.global_rank == src:
+            buf.copy_(torch.frombuffer(bytearray(payload), dtype=torch.uint8))
+        dist.broadcast(buf, src=src)
+        self.ledger.record({"control": size.numel() * size.element_size() + buf.numel()})
+        return obj if self.global_rank == src else pickle.loads(buf.numpy().tobytes())
+
+    # ------------------------------------------------------------------ registration
+    @classmethod
+    def register_strategies(cls, strategy_registry: Any) -> None:
+        entries: Mapping[str, str] = {
+            "desloc": "popen",
+            "desloc_spawn": "spawn",
+            "desloc_fork": "fork",
+            "desloc_notebook": "fork",
+        }
+        for name, start_method in entries.items():
+            strategy_registry.register(
+                name,
+                cls,
+                description=f"DES-LOC: desynced low-communication local training, start_method={start_method!r}",
+                override=True,
+                start_method=start_method,
+            )
