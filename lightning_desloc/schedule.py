@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Optional, Union
+from typing import Literal, Optional, Union
 
 #: First-moment (momentum-like) state keys of torch's optimizers; default period ``3 * K_x``.
 FIRST_MOMENT_KEYS: tuple[str, ...] = ("exp_avg", "momentum_buffer", "grad_avg")
@@ -39,6 +39,10 @@ FIRST_MOMENT_FACTOR = 3
 SECOND_MOMENT_FACTOR = 6
 
 StateSyncEvery = Union[int, Mapping[str, int], None]
+#: How optimizer states are treated: averaged on their periods (DES-LOC, Local Adam), never averaged
+#: (``keep_local``, the DiLoCo-style heuristic), or zeroed after every parameter average (``reset``).
+StatePolicy = Literal["average", "keep_local", "reset"]
+STATE_POLICIES: tuple[str, ...] = ("average", "keep_local", "reset")
 
 
 def _check_period(name: str, value: object) -> int:
@@ -64,10 +68,11 @@ class SyncPlan:
     step: int
     params: bool
     states: tuple[str, ...] = ()
+    reset_states: bool = False
 
     @property
     def empty(self) -> bool:
-        return not self.params and not self.states
+        return not self.params and not self.states and not self.reset_states
 
 
 @dataclass(frozen=True)
@@ -79,13 +84,27 @@ class SyncSchedule:
         state_sync_every: ``None`` for the paper's defaults (first moments every ``3 * K_x``, second
             moments every ``6 * K_x``); an ``int`` to use one period for every state (``K_x`` gives
             Local Adam); or a ``{key: period}`` dict whose entries override the defaults.
+        state_policy: ``"average"`` (the above), or one of the baselines DES-LOC is compared with:
+            ``"keep_local"`` (states are never averaged) and ``"reset"`` (tensor states are zeroed right
+            after every parameter average). The baselines take no ``state_sync_every``.
     """
 
     param_sync_every: int = 256
     state_sync_every: Mapping[str, int] = field(default_factory=dict)
+    state_policy: StatePolicy = "average"
 
-    def __init__(self, param_sync_every: int = 256, state_sync_every: StateSyncEvery = None) -> None:
+    def __init__(
+        self, param_sync_every: int = 256, state_sync_every: StateSyncEvery = None, state_policy: StatePolicy = "average"
+    ) -> None:
         k_x = _check_period("param_sync_every", param_sync_every)
+        if state_policy not in STATE_POLICIES:
+            raise ValueError(f"state_policy must be one of {STATE_POLICIES}, got {state_policy!r}")
+        if state_policy != "average" and state_sync_every is not None:
+            raise ValueError(
+                f"state_policy={state_policy!r} never averages optimizer states, so state_sync_every must be None "
+                f"(got {state_sync_every!r}). Use state_policy='average' to average states on periods."
+            )
+        object.__setattr__(self, "state_policy", state_policy)
         periods = default_state_periods(k_x)
         if isinstance(state_sync_every, Mapping):
             for key, period in state_sync_every.items():
@@ -107,12 +126,16 @@ class SyncSchedule:
 
     def period_of(self, key: str) -> Optional[int]:
         """Period of state ``key`` in optimizer steps, or ``None`` when the schedule has none for it."""
+        if self.state_policy != "average":
+            return None
         if key in self.state_sync_every:
             return self.state_sync_every[key]
         return self.uniform_state_period
 
     def check_keys(self, keys: Iterable[str]) -> None:
         """Raise a ``ValueError`` naming every averaged state key that has no period."""
+        if self.state_policy != "average":
+            return
         missing = sorted({k for k in keys if self.period_of(k) is None})
         if missing:
             example = ", ".join(f"{k!r}: {3 * self.param_sync_every}" for k in missing)
@@ -132,7 +155,8 @@ class SyncSchedule:
             raise ValueError(f"optimizer steps are counted from 1, got {step}")
         keys = self.state_sync_every.keys() if state_keys is None else state_keys
         states = tuple(sorted(k for k in set(keys) if (p := self.period_of(k)) is not None and step % p == 0))
-        return SyncPlan(step=step, params=step % self.param_sync_every == 0, states=states)
+        params = step % self.param_sync_every == 0
+        return SyncPlan(step=step, params=params, states=states, reset_states=params and self.state_policy == "reset")
 
     def count(self, steps: int, state_keys: Iterable[str]) -> dict[str, int]:
         """How many times each of params and ``state_keys`` is averaged in steps ``1..steps``."""

@@ -25,7 +25,7 @@ from torch.optim import Optimizer
 
 from lightning_desloc.averaging import DEFAULT_BUCKET_CAP_BYTES, average_, broadcast_
 from lightning_desloc.ledger import CommLedger
-from lightning_desloc.schedule import NEVER_AVERAGED_KEYS, StateSyncEvery, SyncPlan, SyncSchedule
+from lightning_desloc.schedule import NEVER_AVERAGED_KEYS, StatePolicy, StateSyncEvery, SyncPlan, SyncSchedule
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +91,9 @@ class DeslocStrategy(DDPStrategy):
             costs one parameter all-reduce per validation run unless the parameters were just averaged
             (ledger category ``eval``), and local parameters are restored afterwards. ``"local"``:
             each rank's own parameters, no bytes.
+        state_policy: ``"average"`` for DES-LOC (and Local Adam). The baselines: ``"keep_local"`` never
+            averages optimizer states; ``"reset"`` zeroes tensor states (not ``step``) right after every
+            parameter average. Both take ``state_sync_every=None``.
         bucket_cap_mb: largest flat buffer of one all-reduce, in MiB.
         log_comm: log the communication ledger (``comm/...``) to the trainer's loggers at each sync.
 
@@ -104,6 +107,7 @@ class DeslocStrategy(DDPStrategy):
         param_sync_every: int = 256,
         state_sync_every: StateSyncEvery = None,
         validate_on: ValidateOn = "consensus",
+        state_policy: StatePolicy = "average",
         bucket_cap_mb: float = DEFAULT_BUCKET_CAP_BYTES / 2**20,
         log_comm: bool = True,
         accelerator: Optional["pl.accelerators.Accelerator"] = None,
@@ -125,7 +129,7 @@ class DeslocStrategy(DDPStrategy):
             timeout=timeout,
             start_method=start_method,
         )
-        self.schedule = SyncSchedule(param_sync_every, state_sync_every)
+        self.schedule = SyncSchedule(param_sync_every, state_sync_every, state_policy)
         if validate_on not in ("consensus", "local"):
             raise ValueError(f"validate_on must be 'consensus' or 'local', got {validate_on!r}")
         if not bucket_cap_mb > 0:
@@ -138,7 +142,7 @@ class DeslocStrategy(DDPStrategy):
         self.optimizer_steps: list[int] = []
         self._step_calls: list[int] = []
         self._hooks: list[Any] = []
-        self._checked_keys: list[bool] = []
+        self._state_keys: list[Optional[tuple[str, ...]]] = []
         self._params_in_sync = True
         self._stashed_local: Optional[list[Tensor]] = None
         self._collective_category = "metrics"
@@ -188,7 +192,7 @@ class DeslocStrategy(DDPStrategy):
         self._step_calls = [0] * n
         if len(self.optimizer_steps) != n:
             self.optimizer_steps = [0] * n
-        self._checked_keys = [False] * n
+        self._state_keys = [None] * n
         self._hooks = [opt.register_step_post_hook(self._make_step_hook(i)) for i, opt in enumerate(self.optimizers)]
 
     def _make_step_hook(self, index: int) -> Callable:
@@ -213,10 +217,11 @@ class DeslocStrategy(DDPStrategy):
         self.optimizer_steps[index] += 1
         step = self.optimizer_steps[index]
         self.ledger.add_ddp_equivalent(self._gradient_bytes(optimizer))
-        if not self._checked_keys[index]:
-            self.schedule.check_keys(averaged_state_keys(optimizer))
-            self._checked_keys[index] = True
-        plan = self.schedule.due(step, averaged_state_keys(optimizer))
+        keys = self._state_keys[index]
+        if keys is None:  # the optimizer's state exists from its first step on
+            keys = self._state_keys[index] = tuple(sorted(averaged_state_keys(optimizer)))
+            self.schedule.check_keys(keys)
+        plan = self.schedule.due(step, keys)
         self._params_in_sync = False
         if not plan.empty:
             self.sync(optimizer, plan, with_buffers=index == 0)
@@ -250,6 +255,11 @@ class DeslocStrategy(DDPStrategy):
                 if p in optimizer.state and _is_averaged(key, optimizer.state[p].get(key), p)
             ]
         average_(due, self.ledger, bucket_cap_bytes=self.bucket_cap_bytes)
+        if plan.reset_states:
+            for p in params:
+                for key, value in optimizer.state.get(p, {}).items():
+                    if _is_averaged(key, value, p):
+                        value.zero_()
         if plan.params and len(self.optimizers) == 1:
             self._params_in_sync = True
         self._log_ledger()
