@@ -13,11 +13,11 @@ Example::
     >>> sched.state_sync_every["exp_avg"], sched.state_sync_every["exp_avg_sq"]
     (12, 24)
     >>> sched.due(4)
-    SyncPlan(step=4, params=True, states=())
+    SyncPlan(step=4, params=True, states=(), reset_states=False)
     >>> sched.due(24, state_keys=["exp_avg", "exp_avg_sq"])
-    SyncPlan(step=24, params=True, states=('exp_avg', 'exp_avg_sq'))
+    SyncPlan(step=24, params=True, states=('exp_avg', 'exp_avg_sq'), reset_states=False)
     >>> sched.due(12, state_keys=["exp_avg", "exp_avg_sq"])
-    SyncPlan(step=12, params=True, states=('exp_avg',))
+    SyncPlan(step=12, params=True, states=('exp_avg',), reset_states=False)
     >>> sched.due(5).empty
     True
 """

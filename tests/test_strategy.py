@@ -1,0 +1,260 @@
+"""DeslocStrategy on real 2-process gloo fits: bytes against the schedule, validation, AMP skips,
+baseline policies, registration, LightningCLI and the errors."""
+
+import math
+
+import lightning as L
+import pytest
+import torch
+import torch.distributed as dist
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.plugins import MixedPrecision
+from torch.utils.data import DataLoader, TensorDataset
+
+import lightning_desloc
+from lightning_desloc import DeslocStrategy
+
+IN, HIDDEN, OUT = 64, 96, 8
+N_PARAMS = IN * HIDDEN + HIDDEN + HIDDEN * OUT + OUT  # two Linear layers, counted by hand
+
+
+def quiet_trainer(**kwargs):
+    defaults = dict(
+        accelerator="cpu",
+        devices=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        use_distributed_sampler=False,
+    )
+    defaults.update(kwargs)
+    return L.Trainer(**defaults)
+
+
+class Regression(L.LightningModule):
+    """A two-layer MLP on rank-dependent synthetic data."""
+
+    def __init__(self, n_batches=8, lr=1e-2, optimizer="adam", inf_batches=(), out_dir=None):
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Linear(IN, HIDDEN), torch.nn.Tanh(), torch.nn.Linear(HIDDEN, OUT))
+        self.n_batches, self.lr, self.optimizer, self.inf_batches, self.out_dir = n_batches, lr, optimizer, inf_batches, out_dir
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = torch.nn.functional.mse_loss(self.net(x), y)
+        if batch_idx in self.inf_batches:
+            loss = loss * float("inf")
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_loss", torch.nn.functional.mse_loss(self.net(x), y), sync_dist=True)
+
+    def configure_optimizers(self):
+        if self.optimizer == "adafactor":
+            return torch.optim.Adafactor(self.parameters(), lr=self.lr)
+        return torch.optim.Adam(self.parameters(), lr=self.lr)
+
+    def _data(self, offset):
+        rank = self.trainer.global_rank if self._trainer is not None else 0
+        g = torch.Generator().manual_seed(1000 * rank + offset)
+        x = torch.randn(self.n_batches * 4, IN, generator=g)
+        return DataLoader(TensorDataset(x, x[:, :OUT] * (1 + rank)), batch_size=4)
+
+    def train_dataloader(self):
+        return self._data(0)
+
+    def val_dataloader(self):
+        return self._data(1)
+
+
+# --------------------------------------------------------------------------- bytes over 1536 steps
+class CountingRegression(Regression):
+    """Counts every byte handed to torch.distributed in this process, from setup on."""
+
+    def setup(self, stage):
+        self.sent = {"all_reduce": 0, "broadcast": 0}
+        for name in self.sent:
+            real = getattr(dist, name)
+
+            def counting(tensor, *args, _real=real, _name=name, **kwargs):
+                self.sent[_name] += tensor.numel() * tensor.element_size()
+                return _real(tensor, *args, **kwargs)
+
+            setattr(dist, name, counting)
+
+    def on_train_end(self):
+        torch.save(self.sent, f"{self.out_dir}/sent{self.global_rank}.pt")
+
+
+def test_bytes_over_1536_adam_steps_equal_the_schedule(tmp_path):
+    steps, k_x = 1536, 256
+    model = CountingRegression(n_batches=steps, out_dir=str(tmp_path))
+    strategy = DeslocStrategy(param_sync_every=k_x, start_method="spawn")  # paper defaults: K_u=768, K_v=1536
+    quiet_trainer(strategy=strategy, max_steps=steps, limit_val_batches=0).fit(model)
+
+    model_bytes = N_PARAMS * 4
+    expected = {"params": 6 * model_bytes, "state/exp_avg": 2 * model_bytes, "state/exp_avg_sq": 1 * model_bytes}
+    ledger = strategy.ledger
+    assert {k: ledger.bytes[k] for k in expected} == expected
+    assert strategy.optimizer_steps == [steps]
+    schedule_bytes = sum(expected.values())  # = 1.5 / K_x model sizes per step
+    assert schedule_bytes == pytest.approx(steps * model_bytes * 1.5 / k_x)
+    for rank in range(2):
+        sent = torch.load(tmp_path / f"sent{rank}.pt")
+        # everything all-reduced is the schedule plus control traffic under 0.1% of it
+        assert schedule_bytes <= sent["all_reduce"] <= schedule_bytes * 1.001
+        ddp_bytes = steps * model_bytes
+        assert ddp_bytes / sent["all_reduce"] >= 170
+    assert ledger.ddp_equivalent_bytes == steps * model_bytes
+    assert ledger.ratio_vs_ddp >= 170
+    assert ledger.bytes["setup"] == model_bytes  # rank 0's weights, once
+
+
+# --------------------------------------------------------------------------- AMP-skipped steps
+def test_steps_skipped_by_the_amp_scaler_do_not_count(tmp_path):
+    model = Regression(n_batches=12, inf_batches=(2, 5))
+    strategy = DeslocStrategy(param_sync_every=2, state_sync_every=5, start_method="spawn")
+    # Trainer(precision="16-mixed") turns into bf16 without a scaler on CPU: ask for the fp16 scaler explicitly
+    amp = MixedPrecision(precision="16-mixed", device="cpu", scaler=torch.amp.GradScaler("cpu"))
+    trainer = quiet_trainer(strategy=strategy, max_epochs=1, limit_val_batches=0, plugins=[amp])
+    trainer.fit(model)
+    assert strategy.optimizer_steps == [10]  # 12 batches, 2 skipped for inf gradients
+    model_bytes = N_PARAMS * 4
+    assert strategy.ledger.bytes["params"] == (10 // 2) * model_bytes
+    assert strategy.ledger.bytes["state/exp_avg"] == (10 // 5) * model_bytes
+
+
+# --------------------------------------------------------------------------- validation
+class ValidationProbe(Regression):
+    """Saves the parameters it is validated with and the local ones just before validation."""
+
+    def on_validation_start(self):
+        self.local_before = [p.detach().clone() for p in self.parameters()]
+
+    def validation_step(self, batch, batch_idx):
+        if batch_idx == 0:
+            evaluated = [p.detach().clone() for p in self.parameters()]
+            torch.save({"local": self.local_before, "evaluated": evaluated},
+                       f"{self.out_dir}/val{self.global_rank}_{self.global_step}.pt")
+        return super().validation_step(batch, batch_idx)
+
+    def on_train_batch_start(self, batch, batch_idx):
+        if getattr(self, "local_before", None) is not None and self.global_step > 0:
+            for p, q in zip(self.parameters(), self.local_before):
+                assert torch.equal(p, q), "local parameters must come back after validation"
+            self.local_before = None
+
+
+@pytest.mark.parametrize("validate_on", ["consensus", "local"])
+def test_validation_evaluates_the_documented_model(tmp_path, validate_on):
+    model = ValidationProbe(n_batches=9, out_dir=str(tmp_path))
+    strategy = DeslocStrategy(param_sync_every=4, validate_on=validate_on, start_method="spawn")
+    trainer = quiet_trainer(strategy=strategy, max_steps=9, val_check_interval=3, limit_val_batches=1,
+                            num_sanity_val_steps=0)
+    trainer.fit(model)
+    for step in (3, 6, 9):
+        ranks = [torch.load(tmp_path / f"val{r}_{step}.pt") for r in range(2)]
+        for i in range(len(ranks[0]["local"])):
+            mean = (ranks[0]["local"][i] + ranks[1]["local"][i]) / 2
+            for r in range(2):
+                expected = mean if validate_on == "consensus" else ranks[r]["local"][i]
+                torch.testing.assert_close(ranks[r]["evaluated"][i], expected)
+    # step 3: not in sync, step 6 and 9: not in sync either (K_x=4) -> three eval rounds in consensus mode
+    expected_eval = 3 * N_PARAMS * 4 if validate_on == "consensus" else 0
+    assert strategy.ledger.bytes.get("eval", 0) == expected_eval
+
+
+# --------------------------------------------------------------------------- baseline policies
+class PolicyProbe(Regression):
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        opt = self.optimizers().optimizer
+        state = [{k: v.clone() for k, v in opt.state[p].items()} for p in self.parameters()]
+        torch.save(state, f"{self.out_dir}/state{self.global_rank}_{self.global_step}.pt")
+
+
+@pytest.mark.parametrize("policy", ["keep_local", "reset"])
+def test_baseline_state_policies(tmp_path, policy):
+    model = PolicyProbe(n_batches=6, out_dir=str(tmp_path))
+    strategy = DeslocStrategy(param_sync_every=3, state_policy=policy, start_method="spawn")
+    quiet_trainer(strategy=strategy, max_steps=6, limit_val_batches=0).fit(model)
+    assert not any(k.startswith("state/") for k in strategy.ledger.bytes)
+    for step in range(1, 7):
+        ranks = [torch.load(tmp_path / f"state{r}_{step}.pt") for r in range(2)]
+        for p0, p1 in zip(*ranks):
+            assert p0["step"].item() == p1["step"].item() == step  # counters stay local and keep counting
+            for key in ("exp_avg", "exp_avg_sq"):
+                if policy == "reset" and step % 3 == 0:
+                    assert not p0[key].any() and not p1[key].any()
+                else:  # rank-dependent data: local states differ
+                    assert not torch.equal(p0[key], p1[key])
+
+
+# --------------------------------------------------------------------------- registration, CLI, errors
+def test_registered_strings_and_double_import():
+    import importlib
+
+    importlib.reload(lightning_desloc)  # importing twice must not raise
+    trainer = quiet_trainer(strategy="desloc")
+    assert isinstance(trainer.strategy, DeslocStrategy)
+    assert trainer.strategy.schedule.param_sync_every == 256
+    assert trainer.strategy._start_method == "popen"
+    assert quiet_trainer(strategy="desloc_spawn").strategy._start_method == "spawn"
+
+
+def test_lightning_cli_class_path_reaches_every_argument(capsys):
+    args = [
+        "--trainer.accelerator=cpu",
+        "--trainer.devices=2",
+        "--trainer.logger=false",
+        "--trainer.strategy=lightning_desloc.DeslocStrategy",
+        "--trainer.strategy.param_sync_every=32",
+        "--trainer.strategy.state_sync_every={exp_avg: 64, exp_avg_sq: 640}",
+        "--trainer.strategy.validate_on=local",
+    ]
+    cli = LightningCLI(Regression, run=False, args=args)
+    strategy = cli.trainer.strategy
+    assert isinstance(strategy, DeslocStrategy)
+    assert strategy.schedule.period_of("exp_avg") == 64
+    assert strategy.schedule.period_of("exp_avg_sq") == 640
+    assert strategy.schedule.period_of("momentum_buffer") == 96
+    assert strategy.validate_on == "local"
+    cli = LightningCLI(Regression, run=False, args=["--trainer.strategy=desloc", "--trainer.logger=false"])
+    assert isinstance(cli.trainer.strategy, DeslocStrategy)
+    with pytest.raises(SystemExit):
+        LightningCLI(Regression, run=False, args=["--trainer.strategy={class_path: lightning_desloc.DeslocStrategy}",
+                                                  "--print_config"])
+    printed = capsys.readouterr().out
+    for arg in ("param_sync_every: 256", "state_sync_every: null", "validate_on: consensus",
+                "state_policy: average", "bucket_cap_mb:", "start_method: popen"):
+        assert arg in printed
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(param_sync_every=0), "param_sync_every must be a positive integer"),
+        (dict(param_sync_every=1.5), "param_sync_every must be a positive integer"),
+        (dict(state_sync_every={"exp_avg": -2}), r"state_sync_every\['exp_avg'\]"),
+        (dict(validate_on="sometimes"), "validate_on must be"),
+        (dict(bucket_cap_mb=0), "bucket_cap_mb must be a positive"),
+        (dict(state_policy="reset", state_sync_every=4), "state_sync_every must be None"),
+    ],
+)
+def test_bad_configuration_is_rejected_at_construction(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        DeslocStrategy(**kwargs)
+
+
+def test_sync_batchnorm_is_rejected_before_any_process_starts():
+    with pytest.raises(ValueError, match="sync_batchnorm=False"):
+        quiet_trainer(strategy="desloc", sync_batchnorm=True)
+
+
+def test_optimizer_state_without_a_period_fails_at_the_first_step():
+    # Adafactor keeps factored second moments ('row_var', 'col_var', 'variance'): no default period
+    trainer = quiet_trainer(strategy=DeslocStrategy(param_sync_every=4), devices=1, max_steps=2,
+                            limit_val_batches=0)
+    with pytest.raises(ValueError, match=r"col_var.*row_var.*state_sync_every=\{"):
+        trainer.fit(Regression(optimizer="adafactor"))
