@@ -103,6 +103,35 @@ def average_(
             _unflatten_into(flat, bucket)
 
 
+def average_stacked_(
+    tensors_by_category: Mapping[str, Sequence[Tensor]],
+    ledger: Optional[CommLedger] = None,
+) -> None:
+    """Simulated workers in one process: each tensor holds M workers along dim 0; replace every
+    worker's slice by the mean over workers.
+
+    Element-wise optimizers (SGD, Adam, ...) applied to a parameter of shape ``(M, *shape)`` are M
+    independent optimizers, so this gives an exact M-worker simulation of the schedule for toy problems
+    (the Rosenbrock reproduction). Bytes recorded are one worker's payload, as in :func:`average_`.
+
+    Example::
+
+        >>> x = torch.tensor([[1.0, 2.0], [3.0, 4.0]])   # 2 workers, 2 coordinates
+        >>> average_stacked_({"params": [x]})
+        >>> x
+        tensor([[2., 3.],
+                [2., 3.]])
+    """
+    per_cat: dict[str, int] = defaultdict(int)
+    with torch.no_grad():
+        for cat, tensors in tensors_by_category.items():
+            for t in tensors:
+                t.copy_(t.mean(dim=0, keepdim=True).expand_as(t))
+                per_cat[cat] += _nbytes(t[0])
+    if ledger is not None and per_cat:
+        ledger.record(per_cat)
+
+
 def broadcast_(
     tensors: Sequence[Tensor],
     src: int = 0,
