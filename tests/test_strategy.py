@@ -258,3 +258,25 @@ def test_optimizer_state_without_a_period_fails_at_the_first_step():
                             limit_val_batches=0)
     with pytest.raises(ValueError, match=r"col_var.*row_var.*state_sync_every=\{"):
         trainer.fit(Regression(optimizer="adafactor"))
+
+
+# --------------------------------------------------------------------------- ledger in the logger
+def test_ledger_is_logged_at_each_sync_round(tmp_path):
+    import csv
+
+    from lightning.pytorch.loggers import CSVLogger
+
+    strategy = DeslocStrategy(param_sync_every=2, state_sync_every={"exp_avg": 4, "exp_avg_sq": 6},
+                              start_method="spawn")
+    logger = CSVLogger(tmp_path, name="run", version=0)
+    quiet_trainer(strategy=strategy, max_steps=6, limit_val_batches=0, logger=logger, log_every_n_steps=1).fit(
+        Regression(n_batches=6)
+    )
+    rows = list(csv.DictReader(open(tmp_path / "run" / "version_0" / "metrics.csv")))
+    logged = [r for r in rows if r.get("comm/bytes/params")]
+    model_bytes = N_PARAMS * 4
+    # syncs after steps 2, 4, 6: params each time, exp_avg after 4, exp_avg_sq after 6
+    assert [float(r["comm/bytes/params"]) for r in logged] == [model_bytes, 2 * model_bytes, 3 * model_bytes]
+    assert float(logged[-1]["comm/bytes/state/exp_avg"]) == model_bytes
+    assert float(logged[-1]["comm/bytes/state/exp_avg_sq"]) == model_bytes
+    assert float(logged[-1]["comm/bytes_ddp_equivalent"]) == 6 * model_bytes
