@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from lightning_desloc.compression import CompressionPlan
 from lightning_desloc.ledger import CommLedger
 
 DEFAULT_BUCKET_CAP_BYTES = 64 * 2**20
@@ -64,6 +65,7 @@ def average_(
     ledger: Optional[CommLedger] = None,
     group: Optional[Any] = None,
     bucket_cap_bytes: int = DEFAULT_BUCKET_CAP_BYTES,
+    compression: Optional[CompressionPlan] = None,
 ) -> None:
     """Replace every tensor by its mean over the ranks of ``group``, in one coalesced round.
 
@@ -73,20 +75,30 @@ def average_(
         ledger: where the round's payload bytes are recorded per category.
         group: process group; the default group when ``None``.
         bucket_cap_bytes: largest flat buffer handed to one all-reduce, in bytes.
+        compression: categories it names travel encoded (see :mod:`lightning_desloc.compression`) in
+            one all-gather issued with the round's all-reduces; the rest are all-reduced exactly.
     """
-    flat_list = [(cat, t) for cat, ts in tensors_by_category.items() for t in ts]
-    if not flat_list:
-        return
     world = _world_size(group)
-    if world == 1:
+    if world == 1 or not any(tensors_by_category.values()):
         return  # nothing to average and nothing sent
+    exact: list[Tensor] = []
+    coded: list[tuple[str, Sequence[Tensor], Any]] = []
+    sent: dict[str, int] = defaultdict(int)
+    for cat, ts in tensors_by_category.items():
+        if not ts:
+            continue
+        memory = compression.for_category(cat) if compression is not None else None
+        if memory is None:
+            exact.extend(ts)
+            sent[cat] += sum(_nbytes(t) for t in ts)
+        else:
+            coded.append((cat, ts, memory))
+            sent[cat] += memory.codec.nbytes(sum(t.numel() for t in ts))
     if ledger is not None:
-        per_cat: dict[str, int] = defaultdict(int)
-        for cat, t in flat_list:
-            per_cat[cat] += _nbytes(t)
-        ledger.record(per_cat)
+        ledger.record(sent)
+
     by_kind: dict[tuple[torch.dtype, torch.device], list[Tensor]] = defaultdict(list)
-    for _, t in flat_list:
+    for t in exact:
         if not t.is_floating_point():
             raise TypeError(f"only floating tensors can be averaged, got {t.dtype}")
         by_kind[(t.dtype, t.device)].append(t)
@@ -96,11 +108,41 @@ def average_(
             flat = torch.cat([t.detach().reshape(-1) for t in bucket])
             work = dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group, async_op=True)
             pending.append((work, flat, bucket))
+    gathered = _start_coded_round(coded, world, group) if coded else None
     with torch.no_grad():
         for work, flat, bucket in pending:
             work.wait()
             flat.div_(world)
             _unflatten_into(flat, bucket)
+        if gathered is not None:
+            _finish_coded_round(coded, world, *gathered)
+
+
+def _start_coded_round(coded, world, group):
+    messages, payloads = [], []
+    for _, ts, memory in coded:
+        m = memory.message(torch.cat([t.detach().reshape(-1) for t in ts]))
+        messages.append(m)
+        payloads.append(memory.codec.encode(m))
+    mine = torch.cat(payloads)
+    everyone = [torch.empty_like(mine) for _ in range(world)]
+    work = dist.all_gather(everyone, mine, group=group, async_op=True)
+    return work, everyone, messages, [p.numel() for p in payloads], dist.get_rank(group)
+
+
+def _finish_coded_round(coded, world, work, everyone, messages, sizes, rank) -> None:
+    work.wait()
+    offset = 0
+    for (_, ts, memory), message, size in zip(coded, messages, sizes):
+        numel = message.numel()
+        decoded = [memory.codec.decode(buf[offset : offset + size], numel) for buf in everyone]
+        total = decoded[0].clone()
+        for d in decoded[1:]:  # rank order: every rank computes the same sum
+            total += d
+        result = memory.finish(total / world)
+        memory.remember(message, decoded[rank], result)
+        _unflatten_into(result, ts)
+        offset += size
 
 
 def average_stacked_(

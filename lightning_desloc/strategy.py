@@ -16,6 +16,7 @@ from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.fabric.utilities.distributed import _distributed_is_initialized
 from lightning.fabric.utilities.optimizer import _optimizers_to_device
+from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
@@ -23,7 +24,9 @@ from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor
 from torch.optim import Optimizer
 
+from lightning_desloc import checkpoint as desloc_checkpoint
 from lightning_desloc.averaging import DEFAULT_BUCKET_CAP_BYTES, average_, broadcast_
+from lightning_desloc.compression import Compression, CompressionPlan, parse_compression
 from lightning_desloc.ledger import CommLedger
 from lightning_desloc.schedule import NEVER_AVERAGED_KEYS, StatePolicy, StateSyncEvery, SyncPlan, SyncSchedule
 
@@ -94,8 +97,16 @@ class DeslocStrategy(DDPStrategy):
         state_policy: ``"average"`` for DES-LOC (and Local Adam). The baselines: ``"keep_local"`` never
             averages optimizer states; ``"reset"`` zeroes tensor states (not ``step``) right after every
             parameter average. Both take ``state_sync_every=None``.
+        compression: wire format of the schedule's averages, ``"none"``, ``"bf16"`` or ``"int8"`` (1 byte
+            per element plus a float32 scale per 256), as one string for everything or per category:
+            ``{"params": "bf16", "states": "int8"}``, or per state key (``{"exp_avg_sq": "bf16"}``).
+            int8 parameters are sent as the change since the last average, with error feedback. The
+            ledger counts the encoded bytes. Off (``None``) by default.
         bucket_cap_mb: largest flat buffer of one all-reduce, in MiB.
         log_comm: log the communication ledger (``comm/...``) to the trainer's loggers at each sync.
+        allow_consensus_fallback: on resume, a truncated, corrupt or foreign per-rank shard raises
+            :class:`~lightning_desloc.checkpoint.CheckpointShardError` (default). ``True`` starts every rank
+            from the consensus in the main checkpoint file instead, with a warning. See ``docs/checkpointing.md``.
 
     The remaining arguments are those of :class:`~lightning.pytorch.strategies.DDPStrategy`.
     """
@@ -108,8 +119,10 @@ class DeslocStrategy(DDPStrategy):
         state_sync_every: StateSyncEvery = None,
         validate_on: ValidateOn = "consensus",
         state_policy: StatePolicy = "average",
+        compression: Compression = None,
         bucket_cap_mb: float = DEFAULT_BUCKET_CAP_BYTES / 2**20,
         log_comm: bool = True,
+        allow_consensus_fallback: bool = False,
         accelerator: Optional["pl.accelerators.Accelerator"] = None,
         parallel_devices: Optional[list[torch.device]] = None,
         cluster_environment: Optional[ClusterEnvironment] = None,
@@ -130,6 +143,8 @@ class DeslocStrategy(DDPStrategy):
             start_method=start_method,
         )
         self.schedule = SyncSchedule(param_sync_every, state_sync_every, state_policy)
+        wires = parse_compression(compression)
+        self.compression: Optional[CompressionPlan] = CompressionPlan(wires) if wires else None
         if validate_on not in ("consensus", "local"):
             raise ValueError(f"validate_on must be 'consensus' or 'local', got {validate_on!r}")
         if not bucket_cap_mb > 0:
@@ -146,6 +161,9 @@ class DeslocStrategy(DDPStrategy):
         self._params_in_sync = True
         self._stashed_local: Optional[list[Tensor]] = None
         self._collective_category = "metrics"
+        self.allow_consensus_fallback = allow_consensus_fallback
+        #: how the last ``fit(ckpt_path=...)`` resumed: local or consensus path, and why (None: no resume)
+        self.resume_decision: Optional[desloc_checkpoint.ResumeDecision] = None
 
     # ------------------------------------------------------------------ validation of the setup
     def _configure_launcher(self) -> None:
@@ -194,6 +212,10 @@ class DeslocStrategy(DDPStrategy):
             self.optimizer_steps = [0] * n
         self._state_keys = [None] * n
         self._hooks = [opt.register_step_post_hook(self._make_step_hook(i)) for i, opt in enumerate(self.optimizers)]
+        if self.compression is not None:
+            if n > 1:
+                raise ValueError("compression supports one optimizer; set compression=None for several optimizers")
+            self.compression.prime("params", _params(self.optimizers[0]))
 
     def _make_step_hook(self, index: int) -> Callable:
         def hook(optimizer: Optimizer, args: Any, kwargs: Any) -> None:
@@ -254,7 +276,7 @@ class DeslocStrategy(DDPStrategy):
                 for p in params
                 if p in optimizer.state and _is_averaged(key, optimizer.state[p].get(key), p)
             ]
-        average_(due, self.ledger, bucket_cap_bytes=self.bucket_cap_bytes)
+        average_(due, self.ledger, bucket_cap_bytes=self.bucket_cap_bytes, compression=self.compression)
         if plan.reset_states:
             for p in params:
                 for key, value in optimizer.state.get(p, {}).items():
@@ -360,6 +382,25 @@ class DeslocStrategy(DDPStrategy):
         dist.broadcast(buf, src=src)
         self.ledger.record({"control": size.numel() * size.element_size() + buf.numel()})
         return obj if self.global_rank == src else pickle.loads(buf.numpy().tobytes())
+
+    # ---- checkpointing: consensus main file + per-rank shards; the logic lives in checkpoint.py
+    @property
+    def restore_checkpoint_after_setup(self) -> bool:
+        # restore after setup's rank-0 broadcast, which would otherwise overwrite each rank's own state
+        return True
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], filepath: _PATH, storage_options: Optional[Any] = None
+    ) -> None:
+        desloc_checkpoint.save(self, checkpoint, filepath, storage_options)
+
+    def load_checkpoint(self, checkpoint_path: _PATH, weights_only: Optional[bool] = None) -> dict[str, Any]:
+        # also restores optimizer_steps, the ledger and (local path) the RNG; sets resume_decision
+        return desloc_checkpoint.load(self, checkpoint_path, weights_only)
+
+    def remove_checkpoint(self, filepath: _PATH) -> None:
+        if self.is_global_zero:
+            desloc_checkpoint.remove(filepath)
 
     # ------------------------------------------------------------------ registration
     @classmethod

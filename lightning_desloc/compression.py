@@ -1,0 +1,191 @@
+"""Wire formats for compressed averaging, chosen per category (parameters, each state key).
+
+A compressed category is not all-reduced: every rank encodes its flat tensor, the encoded payloads
+are all-gathered (one collective for all compressed categories of a round), and every rank decodes
+all M payloads in rank order and takes the mean in float32, so all ranks get bit-identical results.
+The bytes recorded are the encoded payload a rank hands to the collective.
+
+* ``"bf16"``: the values rounded to bfloat16, 2 bytes per element.
+* ``"int8"``: per chunk of ``chunk`` elements a float32 scale ``s = max|x| / 127`` and
+  ``q = round(x / s)`` as int8: ``1 + 4 / chunk`` bytes per element. For non-negative states (second
+  moments) the square root is coded instead, which halves the dynamic range, and a value never
+  decodes to exactly zero (it decodes to at least ``(s / 2)^2``) so ``u / sqrt(v)`` stays bounded.
+
+Parameters coded as int8 are sent as the difference to the last consensus (the *anchor*, equal on
+every rank) with error feedback: what rounding left out of one message is added to the next, so
+the error does not accumulate (Seide et al. 2014; Karimireddy et al. 2019)::
+
+    m_i = x_i - anchor + e_i          e_i <- m_i - decode(encode(m_i))
+    x   = anchor + mean_i decode(encode(m_i));  anchor <- x
+
+Example::
+
+    >>> codec = Int8Codec(chunk=4)
+    >>> x = torch.tensor([0.5, -1.0, 0.25, 0.0, 3.0, 3.0, -3.0, 1.5])
+    >>> codec.nbytes(x.numel())       # 8 int8 values + 2 float32 scales
+    16
+    >>> codec.decode(codec.encode(x), x.numel())
+    tensor([ 0.5039, -1.0000,  0.2520,  0.0000,  3.0000,  3.0000, -3.0000,  1.5118])
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+import torch
+from torch import Tensor
+
+from lightning_desloc.schedule import SECOND_MOMENT_KEYS
+
+WIRE_FORMATS = ("none", "bf16", "int8")
+Compression = Union[str, Mapping[str, str], None]
+
+
+class Bf16Codec:
+    name = "bf16"
+
+    def nbytes(self, numel: int) -> int:
+        return 2 * numel
+
+    def encode(self, flat: Tensor) -> Tensor:
+        return flat.to(torch.bfloat16).view(torch.uint8)
+
+    def decode(self, payload: Tensor, numel: int) -> Tensor:
+        return payload.view(torch.bfloat16).float()
+
+
+@dataclass
+class Int8Codec:
+    chunk: int = 256
+    non_negative: bool = False
+    name: str = "int8"
+
+    def nbytes(self, numel: int) -> int:
+        return numel + 4 * math.ceil(numel / self.chunk)
+
+    def _chunks(self, flat: Tensor) -> Tensor:
+        pad = (-flat.numel()) % self.chunk
+        return torch.nn.functional.pad(flat.float(), (0, pad)).view(-1, self.chunk)
+
+    def encode(self, flat: Tensor) -> Tensor:
+        x = self._chunks(flat.clamp(min=0).sqrt() if self.non_negative else flat)
+        scale = x.abs().amax(dim=1, keepdim=True) / 127
+        q = torch.where(scale > 0, x / scale.clamp(min=torch.finfo(torch.float32).tiny), 0).round().clamp(-127, 127)
+        q = q.to(torch.int8).view(-1)[: flat.numel()]
+        return torch.cat([q.view(torch.uint8), scale.view(-1).view(torch.uint8)])
+
+    def decode(self, payload: Tensor, numel: int) -> Tensor:
+        n_chunks = math.ceil(numel / self.chunk)
+        q = payload[:numel].view(torch.int8).float()
+        scale = payload[numel : numel + 4 * n_chunks].view(torch.float32)
+        q = torch.nn.functional.pad(q, (0, n_chunks * self.chunk - numel)).view(n_chunks, self.chunk)
+        if self.non_negative:
+            q = q.clamp(min=0.5)  # never zero: a second moment of 0 would divide by eps
+        x = (q * scale.view(-1, 1)).view(-1)[:numel]
+        return x.square() if self.non_negative else x
+
+
+def make_codec(wire: str, key: str, chunk: int = 256):
+    if wire == "bf16":
+        return Bf16Codec()
+    if wire == "int8":
+        return Int8Codec(chunk=chunk, non_negative=key in SECOND_MOMENT_KEYS)
+    raise ValueError(f"unknown wire format {wire!r}; choose one of {WIRE_FORMATS}")
+
+
+def parse_compression(compression: Compression) -> dict[str, str]:
+    """Normalise the ``compression`` argument to ``{category_key: wire}``; ``"*"`` means every key.
+
+    Keys are ``"params"``, ``"states"`` (every optimizer state) or a state key (``"exp_avg"``).
+    """
+    if compression is None:
+        return {}
+    if isinstance(compression, str):
+        compression = {"*": compression}
+    out: dict[str, str] = {}
+    for key, wire in compression.items():
+        if wire not in WIRE_FORMATS:
+            raise ValueError(
+                f"compression[{key!r}] = {wire!r} is not a wire format; choose one of {WIRE_FORMATS}, "
+                f"e.g. compression={{'params': 'bf16', 'states': 'int8'}}"
+            )
+        if wire != "none":
+            out[str(key)] = wire
+    return out
+
+
+@dataclass
+class CompressedCategory:
+    """Per-rank memory of one compressed category: the anchor (for delta coding) and the residual."""
+
+    codec: object
+    delta: bool = False
+    anchor: Optional[Tensor] = None
+    residual: Optional[Tensor] = None
+
+    def message(self, flat: Tensor) -> Tensor:
+        """What this rank sends (before encoding): the value, or its change since the anchor, plus feedback."""
+        m = flat.float()
+        if self.delta:
+            if self.anchor is None:
+                self.anchor = torch.zeros_like(m)
+            m = m - self.anchor
+            if self.residual is not None:
+                m = m + self.residual
+        return m
+
+    def remember(self, sent: Tensor, decoded_own: Tensor, result: Tensor) -> None:
+        if self.delta:
+            self.residual = sent - decoded_own
+            self.anchor = result.clone()
+
+    def finish(self, mean: Tensor) -> Tensor:
+        return self.anchor + mean if self.delta else mean
+
+
+@dataclass
+class CompressionPlan:
+    """Which categories travel compressed, and the per-rank memory they need."""
+
+    wires: dict[str, str] = field(default_factory=dict)
+    chunk: int = 256
+    categories: dict[str, CompressedCategory] = field(default_factory=dict)
+
+    def for_category(self, category: str) -> Optional[CompressedCategory]:
+        """The memory of ``category`` (``params`` or ``state/<key>``), or None when it is sent as is.
+
+        Only the schedule's parameter and state averages are compressed; buffers, evaluation and
+        checkpoint rounds stay exact.
+        """
+        if category.startswith("state/"):
+            key = category[len("state/") :]
+            wire = self.wires.get(key) or self.wires.get("states") or self.wires.get("*")
+        elif category == "params":
+            key, wire = category, self.wires.get("params") or self.wires.get("*")
+        else:
+            return None
+        if wire is None:
+            return None
+        if category not in self.categories:
+            delta = wire == "int8" and category == "params"
+            self.categories[category] = CompressedCategory(make_codec(wire, key, self.chunk), delta=delta)
+        return self.categories[category]
+
+    def prime(self, category: str, tensors: Sequence[Tensor]) -> None:
+        """Set the anchor of a delta-coded category to the current (equal on every rank) values."""
+        cat = self.for_category(category)
+        if cat is not None and cat.delta:
+            cat.anchor = torch.cat([t.detach().reshape(-1).float() for t in tensors])
+            cat.residual = None
+
+    def state_dict(self) -> dict:
+        return {k: {"anchor": c.anchor, "residual": c.residual} for k, c in self.categories.items()}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        for category, mem in state.items():
+            cat = self.for_category(category)
+            if cat is not None:
+                cat.anchor, cat.residual = mem["anchor"], mem["residual"]

@@ -1,0 +1,126 @@
+"""Compressed averaging: codecs against hand-written quantisation, and real gloo rounds."""
+
+import math
+
+import pytest
+import torch
+
+from lightning_desloc.averaging import average_
+from lightning_desloc.compression import Bf16Codec, CompressionPlan, Int8Codec, parse_compression
+from lightning_desloc.ledger import CommLedger
+
+from helpers import run_on_processes
+from lightning_desloc import DeslocStrategy
+from test_strategy import N_PARAMS, Regression, quiet_trainer
+
+
+def int8_by_hand(x, chunk):
+    """Per-chunk absmax int8 quantisation written out element by element."""
+    out = []
+    for start in range(0, len(x), chunk):
+        part = x[start : start + chunk].tolist()
+        scale = max(abs(v) for v in part) / 127
+        out += [0.0 if scale == 0 else max(-127, min(127, round(v / scale))) * scale for v in part]
+    return torch.tensor(out)
+
+
+def test_int8_codec_matches_hand_quantisation_and_byte_count():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1000, generator=g) * torch.linspace(0.01, 10, 1000)
+    codec = Int8Codec(chunk=64)
+    payload = codec.encode(x)
+    assert payload.numel() == codec.nbytes(1000) == 1000 + 4 * math.ceil(1000 / 64)
+    torch.testing.assert_close(codec.decode(payload, 1000), int8_by_hand(x, 64), rtol=1e-6, atol=1e-6)
+
+
+def test_second_moments_are_coded_by_square_root_and_never_decode_to_zero():
+    v = torch.tensor([4.0, 1e-12, 0.0, 1.0])
+    codec = Int8Codec(chunk=4, non_negative=True)
+    decoded = codec.decode(codec.encode(v), 4)
+    assert decoded[0] == pytest.approx(4.0)
+    assert decoded[3] == pytest.approx(1.0, rel=0.02)
+    smallest = (2.0 / 127 * 0.5) ** 2  # half a quantisation step of sqrt(v), squared
+    assert decoded[1:3].tolist() == pytest.approx([smallest, smallest])
+
+
+def test_bf16_codec_is_bfloat16_rounding():
+    x = torch.randn(37)
+    codec = Bf16Codec()
+    assert codec.nbytes(37) == codec.encode(x).numel() == 74
+    assert torch.equal(codec.decode(codec.encode(x), 37), x.to(torch.bfloat16).float())
+
+
+def test_bad_wire_format_names_the_choices():
+    with pytest.raises(ValueError, match=r"choose one of \('none', 'bf16', 'int8'\)"):
+        parse_compression({"params": "fp8"})
+    assert parse_compression("bf16") == {"*": "bf16"}
+    assert parse_compression({"params": "none", "states": "int8"}) == {"states": "int8"}
+
+
+def rank_values(rank, n=300):
+    g = torch.Generator().manual_seed(7 + rank)
+    return torch.randn(n, generator=g), torch.rand(n, generator=g)
+
+
+def _compressed_worker(rank, world, out_dir):
+    plan = CompressionPlan(wires={"params": "int8", "exp_avg_sq": "bf16"}, chunk=32)
+    start = torch.zeros(300)
+    plan.prime("params", [start])  # equal on every rank, as after the setup broadcast
+    results = []
+    ledger = CommLedger()
+    for round_ in range(2):
+        x, v = rank_values(rank + 10 * round_)
+        average_({"params": [x], "state/exp_avg_sq": [v]}, ledger, compression=plan)
+        results.append((x.clone(), v.clone()))
+    torch.save({"results": results, "ledger": ledger.state_dict()}, f"{out_dir}/c{rank}.pt")
+
+
+def test_compressed_round_on_real_processes(tmp_path):
+    world = 2
+    run_on_processes(_compressed_worker, world, str(tmp_path))
+    got = [torch.load(tmp_path / f"c{r}.pt") for r in range(world)]
+    # every rank ends with bit-identical values
+    for a, b in zip(got[0]["results"], got[1]["results"]):
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+    anchor, residual = torch.zeros(300), [torch.zeros(300) for _ in range(world)]
+    for round_ in range(2):
+        xs = [rank_values(r + 10 * round_)[0] for r in range(world)]
+        vs = [rank_values(r + 10 * round_)[1] for r in range(world)]
+        # bf16 state: the mean of bfloat16-rounded values
+        expected_v = sum(v.to(torch.bfloat16).float() for v in vs) / world
+        torch.testing.assert_close(got[0]["results"][round_][1], expected_v)
+        # int8 params: anchor + mean of quantised (delta + residual), residual carried to the next round
+        messages = [x - anchor + e for x, e in zip(xs, residual)]
+        quantised = [int8_by_hand(m, 32) for m in messages]
+        expected_x = anchor + sum(quantised) / world
+        torch.testing.assert_close(got[0]["results"][round_][0], expected_x, rtol=1e-5, atol=1e-6)
+        residual = [m - q for m, q in zip(messages, quantised)]
+        anchor = expected_x
+        # and it is close to the exact mean
+        assert (expected_x - sum(xs) / world).abs().max() < 0.05
+    ledger = got[0]["ledger"]
+    assert ledger["bytes"] == {"params": 2 * (300 + 4 * math.ceil(300 / 32)), "state/exp_avg_sq": 2 * 600}
+    assert ledger["rounds"] == 2
+
+
+class ParamsAfterSync(Regression):
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        if self.global_step % 4 == 0:  # right after a parameter average
+            torch.save([p.detach().clone() for p in self.parameters()],
+                       f"{self.out_dir}/p{self.global_rank}_{self.global_step}.pt")
+
+
+def test_strategy_counts_encoded_bytes_and_ranks_agree(tmp_path):
+    strategy = DeslocStrategy(param_sync_every=4, compression={"params": "int8", "states": "bf16"},
+                              start_method="spawn")
+    quiet_trainer(strategy=strategy, max_steps=12, limit_val_batches=0).fit(ParamsAfterSync(n_batches=12, out_dir=str(tmp_path)))
+    # 3 parameter averages (int8 + scales), exp_avg at 12 and exp_avg_sq at 24: one bf16 round of exp_avg
+    int8_bytes = sum(n + 4 * math.ceil(n / 256) for n in [N_PARAMS])
+    assert strategy.ledger.bytes["params"] == 3 * int8_bytes
+    assert strategy.ledger.bytes["state/exp_avg"] == 1 * N_PARAMS * 2
+    assert "state/exp_avg_sq" not in strategy.ledger.bytes
+    for step in (4, 8, 12):
+        p0, p1 = (torch.load(tmp_path / f"p{r}_{step}.pt") for r in range(2))
+        for a, b in zip(p0, p1):
+            assert torch.equal(a, b)
