@@ -175,11 +175,10 @@ class CompressionPlan:
         return self.categories[category]
 
     def prime(self, category: str, tensors: Sequence[Tensor]) -> None:
-        """Set the anchor of a delta-coded category to the current (equal on every rank) values."""
+        """Set the anchor of a delta-coded category to the current values (equal on every rank)."""
         cat = self.for_category(category)
         if cat is not None and cat.delta:
             cat.anchor = torch.cat([t.detach().reshape(-1).float() for t in tensors])
-            cat.residual = None
 
     def state_dict(self) -> dict:
         return {k: {"anchor": c.anchor, "residual": c.residual} for k, c in self.categories.items()}

@@ -28,6 +28,7 @@ from lightning_desloc import checkpoint as desloc_checkpoint
 from lightning_desloc.averaging import DEFAULT_BUCKET_CAP_BYTES, average_, broadcast_
 from lightning_desloc.compression import Compression, CompressionPlan, parse_compression
 from lightning_desloc.ledger import CommLedger
+from lightning_desloc.outer import OuterOptimizer
 from lightning_desloc.schedule import NEVER_AVERAGED_KEYS, StatePolicy, StateSyncEvery, SyncPlan, SyncSchedule
 
 log = logging.getLogger(__name__)
@@ -102,6 +103,10 @@ class DeslocStrategy(DDPStrategy):
             ``{"params": "bf16", "states": "int8"}``, or per state key (``{"exp_avg_sq": "bf16"}``).
             int8 parameters are sent as the change since the last average, with error feedback. The
             ledger counts the encoded bytes. Off (``None``) by default.
+        outer_lr: turn on the DiLoCo-style outer optimizer (off when ``None``): at each parameter
+            average, ``last global params - average`` is a pseudo-gradient for an SGD step with this
+            learning rate, ``outer_momentum`` and Nesterov (``outer_nesterov``), and every rank takes the
+            result. ``outer_lr=1, outer_momentum=0`` equals plain averaging.
         bucket_cap_mb: largest flat buffer of one all-reduce, in MiB.
         log_comm: log the communication ledger (``comm/...``) to the trainer's loggers at each sync.
         allow_consensus_fallback: on resume, a truncated, corrupt or foreign per-rank shard raises
@@ -120,6 +125,9 @@ class DeslocStrategy(DDPStrategy):
         validate_on: ValidateOn = "consensus",
         state_policy: StatePolicy = "average",
         compression: Compression = None,
+        outer_lr: Optional[float] = None,
+        outer_momentum: float = 0.9,
+        outer_nesterov: bool = True,
         bucket_cap_mb: float = DEFAULT_BUCKET_CAP_BYTES / 2**20,
         log_comm: bool = True,
         allow_consensus_fallback: bool = False,
@@ -145,6 +153,9 @@ class DeslocStrategy(DDPStrategy):
         self.schedule = SyncSchedule(param_sync_every, state_sync_every, state_policy)
         wires = parse_compression(compression)
         self.compression: Optional[CompressionPlan] = CompressionPlan(wires) if wires else None
+        self.outer: Optional[OuterOptimizer] = None
+        if outer_lr is not None:
+            self.outer = OuterOptimizer(outer_lr, outer_momentum, outer_nesterov)
         if validate_on not in ("consensus", "local"):
             raise ValueError(f"validate_on must be 'consensus' or 'local', got {validate_on!r}")
         if not bucket_cap_mb > 0:
@@ -212,10 +223,12 @@ class DeslocStrategy(DDPStrategy):
             self.optimizer_steps = [0] * n
         self._state_keys = [None] * n
         self._hooks = [opt.register_step_post_hook(self._make_step_hook(i)) for i, opt in enumerate(self.optimizers)]
+        if (self.compression is not None or self.outer is not None) and n > 1:
+            raise ValueError("compression and outer_lr support one optimizer; turn them off for several optimizers")
         if self.compression is not None:
-            if n > 1:
-                raise ValueError("compression supports one optimizer; set compression=None for several optimizers")
             self.compression.prime("params", _params(self.optimizers[0]))
+        if self.outer is not None:
+            self.outer.prime(_params(self.optimizers[0]))
 
     def _make_step_hook(self, index: int) -> Callable:
         def hook(optimizer: Optimizer, args: Any, kwargs: Any) -> None:
@@ -277,6 +290,10 @@ class DeslocStrategy(DDPStrategy):
                 if p in optimizer.state and _is_averaged(key, optimizer.state[p].get(key), p)
             ]
         average_(due, self.ledger, bucket_cap_bytes=self.bucket_cap_bytes, compression=self.compression)
+        if plan.params and self.outer is not None:
+            self.outer.step(params)
+            if self.compression is not None:  # int8 deltas are taken against the new global parameters
+                self.compression.prime("params", params)
         if plan.reset_states:
             for p in params:
                 for key, value in optimizer.state.get(p, {}).items():
@@ -332,6 +349,8 @@ class DeslocStrategy(DDPStrategy):
         # Leave every rank with the consensus, so the model the user saves or evaluates is the average.
         if not self._params_in_sync:
             self.average_parameters()
+            if self.outer is not None:
+                self.outer.step(_params(self.optimizers[0]))
             self._log_ledger()
         super().on_train_end()
 
