@@ -27,6 +27,7 @@ from torch.optim import Optimizer
 from lightning_desloc import checkpoint as desloc_checkpoint
 from lightning_desloc.averaging import DEFAULT_BUCKET_CAP_BYTES, average_, broadcast_
 from lightning_desloc.compression import Compression, CompressionPlan, parse_compression
+from lightning_desloc.groups import HierarchicalGroups, desloc_group
 from lightning_desloc.ledger import CommLedger
 from lightning_desloc.outer import OuterOptimizer
 from lightning_desloc.schedule import NEVER_AVERAGED_KEYS, StatePolicy, StateSyncEvery, SyncPlan, SyncSchedule
@@ -65,6 +66,7 @@ class _LedgerReturningLauncher(_MultiProcessingLauncher):
         strategy = trainer.strategy
         assert isinstance(strategy, DeslocStrategy)
         extra["desloc"] = {"ledger": strategy.ledger.state_dict(), "optimizer_steps": list(strategy.optimizer_steps)}
+        extra["desloc"]["group_ledger"] = strategy.group_ledger.state_dict()
         return extra
 
     def update_main_process_results(self, trainer: "pl.Trainer", extra: dict[str, Any]) -> None:
@@ -73,6 +75,7 @@ class _LedgerReturningLauncher(_MultiProcessingLauncher):
         assert isinstance(strategy, DeslocStrategy)
         strategy.ledger.load_state_dict(extra["desloc"]["ledger"])
         strategy.optimizer_steps = extra["desloc"]["optimizer_steps"]
+        strategy.group_ledger.load_state_dict(extra["desloc"]["group_ledger"])
 
 
 class DeslocStrategy(DDPStrategy):
@@ -107,6 +110,9 @@ class DeslocStrategy(DDPStrategy):
             average, ``last global params - average`` is a pseudo-gradient for an SGD step with this
             learning rate, ``outer_momentum`` and Nesterov (``outer_nesterov``), and every rank takes the
             result. ``outer_lr=1, outer_momentum=0`` equals plain averaging.
+        group_size: hierarchical synchronisation (off when ``None``): consecutive ranks in groups of this
+            size (e.g. the devices of one node) all-reduce gradients every step like DDP, and DES-LOC's
+            schedule runs across groups. The gradient level has its own ledger, ``group_ledger``.
         bucket_cap_mb: largest flat buffer of one all-reduce, in MiB.
         log_comm: log the communication ledger (``comm/...``) to the trainer's loggers at each sync.
         allow_consensus_fallback: on resume, a truncated, corrupt or foreign per-rank shard raises
@@ -128,6 +134,7 @@ class DeslocStrategy(DDPStrategy):
         outer_lr: Optional[float] = None,
         outer_momentum: float = 0.9,
         outer_nesterov: bool = True,
+        group_size: Optional[int] = None,
         bucket_cap_mb: float = DEFAULT_BUCKET_CAP_BYTES / 2**20,
         log_comm: bool = True,
         allow_consensus_fallback: bool = False,
@@ -153,6 +160,12 @@ class DeslocStrategy(DDPStrategy):
         self.schedule = SyncSchedule(param_sync_every, state_sync_every, state_policy)
         wires = parse_compression(compression)
         self.compression: Optional[CompressionPlan] = CompressionPlan(wires) if wires else None
+        if group_size is not None and (isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1):
+            raise ValueError(f"group_size must be a positive number of ranks per group, got {group_size!r}")
+        self.group_size = group_size
+        self.groups: Optional[HierarchicalGroups] = None
+        #: bytes of the gradient all-reduces inside groups (hierarchical mode)
+        self.group_ledger = CommLedger()
         self.outer: Optional[OuterOptimizer] = None
         if outer_lr is not None:
             self.outer = OuterOptimizer(outer_lr, outer_momentum, outer_nesterov)
@@ -195,6 +208,8 @@ class DeslocStrategy(DDPStrategy):
         self.accelerator.setup(trainer)
         self.precision_plugin.convert_module(self.model)
         self.model_to_device()
+        if self.group_size is not None and self.groups is None:
+            self.groups = HierarchicalGroups.create(self.group_size, self.group_ledger)
         # No DDP wrapper, so no gradient hooks; start every rank from rank 0's weights instead.
         broadcast_(self._module_tensors(), src=0, ledger=self.ledger, category="setup")
         self._params_in_sync = True
@@ -246,6 +261,8 @@ class DeslocStrategy(DDPStrategy):
     ) -> Any:
         index = self._optimizer_index(optimizer)
         calls_before = self._step_calls[index]
+        if self.groups is not None:
+            closure = self.groups.wrap_closure(closure, optimizer, self.bucket_cap_bytes)
         output = super().optimizer_step(optimizer, closure, model, **kwargs)
         if self._step_calls[index] == calls_before:
             return output  # skipped (e.g. AMP found inf gradients): not a step
@@ -289,7 +306,8 @@ class DeslocStrategy(DDPStrategy):
                 for p in params
                 if p in optimizer.state and _is_averaged(key, optimizer.state[p].get(key), p)
             ]
-        average_(due, self.ledger, bucket_cap_bytes=self.bucket_cap_bytes, compression=self.compression)
+        average_(due, self.ledger, group=desloc_group(self.groups), bucket_cap_bytes=self.bucket_cap_bytes,
+                 compression=self.compression)
         if plan.params and self.outer is not None:
             self.outer.step(params)
             if self.compression is not None:  # int8 deltas are taken against the new global parameters
@@ -310,7 +328,7 @@ class DeslocStrategy(DDPStrategy):
         tensors: dict[str, list[Tensor]] = {category: list(self.model.parameters())}
         if self._float_buffers():
             tensors.setdefault("buffers" if category == "params" else category, []).extend(self._float_buffers())
-        average_(tensors, self.ledger, bucket_cap_bytes=self.bucket_cap_bytes)
+        average_(tensors, self.ledger, group=desloc_group(self.groups), bucket_cap_bytes=self.bucket_cap_bytes)
         self._params_in_sync = True
 
     def _log_ledger(self) -> None:
