@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import pickle
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from datetime import timedelta
@@ -21,10 +22,12 @@ from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor
 from torch.optim import Optimizer
 
 from lightning_desloc import checkpoint as desloc_checkpoint
+from lightning_desloc.adaptive import AutoPeriods, DriftMonitor, optimizer_betas
 from lightning_desloc.averaging import DEFAULT_BUCKET_CAP_BYTES, average_, broadcast_
 from lightning_desloc.compression import Compression, CompressionPlan, parse_compression
 from lightning_desloc.groups import HierarchicalGroups, desloc_group
@@ -110,6 +113,12 @@ class DeslocStrategy(DDPStrategy):
             average, ``last global params - average`` is a pseudo-gradient for an SGD step with this
             learning rate, ``outer_momentum`` and Nesterov (``outer_nesterov``), and every rank takes the
             result. ``outer_lr=1, outer_momentum=0`` equals plain averaging.
+        comm_budget: with ``param_sync_every="auto"``: the fraction of step time communication may take.
+            The strategy times the first 16 local steps and the parameter average after them, then picks
+            ``K_x`` and the state periods (policy in :mod:`lightning_desloc.adaptive`) and logs them.
+        max_drift: when set, every ``drift_check_every`` steps the ranks compare (one float) how far they
+            moved from the last consensus, ``||x_i - xbar|| / ||xbar||``; above this bound the parameters
+            are averaged at once, outside the schedule (``early_syncs`` counts them).
         group_size: hierarchical synchronisation (off when ``None``): consecutive ranks in groups of this
             size (e.g. the devices of one node) all-reduce gradients every step like DDP, and DES-LOC's
             schedule runs across groups. The gradient level has its own ledger, ``group_ledger``.
@@ -126,7 +135,7 @@ class DeslocStrategy(DDPStrategy):
 
     def __init__(
         self,
-        param_sync_every: int = 256,
+        param_sync_every: Union[int, Literal["auto"]] = 256,
         state_sync_every: StateSyncEvery = None,
         validate_on: ValidateOn = "consensus",
         state_policy: StatePolicy = "average",
@@ -135,6 +144,9 @@ class DeslocStrategy(DDPStrategy):
         outer_momentum: float = 0.9,
         outer_nesterov: bool = True,
         group_size: Optional[int] = None,
+        comm_budget: float = 0.05,
+        max_drift: Optional[float] = None,
+        drift_check_every: int = 16,
         bucket_cap_mb: float = DEFAULT_BUCKET_CAP_BYTES / 2**20,
         log_comm: bool = True,
         allow_consensus_fallback: bool = False,
@@ -157,7 +169,16 @@ class DeslocStrategy(DDPStrategy):
             timeout=timeout,
             start_method=start_method,
         )
+        self.auto: Optional[AutoPeriods] = None
+        if param_sync_every == "auto":
+            if state_sync_every is not None:
+                raise ValueError("param_sync_every='auto' chooses the state periods too; leave state_sync_every=None")
+            self.auto = AutoPeriods(comm_budget=comm_budget)
+            param_sync_every = self.auto.warmup_steps  # the timed first average; the policy decides the rest
         self.schedule = SyncSchedule(param_sync_every, state_sync_every, state_policy)
+        self.drift = DriftMonitor(max_drift, drift_check_every) if max_drift is not None else None
+        #: parameter averages the drift trigger added to the schedule
+        self.early_syncs = 0
         wires = parse_compression(compression)
         self.compression: Optional[CompressionPlan] = CompressionPlan(wires) if wires else None
         if group_size is not None and (isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1):
@@ -244,6 +265,10 @@ class DeslocStrategy(DDPStrategy):
             self.compression.prime("params", _params(self.optimizers[0]))
         if self.outer is not None:
             self.outer.prime(_params(self.optimizers[0]))
+        if self.drift is not None:
+            if n > 1:
+                raise ValueError("max_drift supports one optimizer; set max_drift=None for several optimizers")
+            self.drift.remember(_params(self.optimizers[0]))
 
     def _make_step_hook(self, index: int) -> Callable:
         def hook(optimizer: Optimizer, args: Any, kwargs: Any) -> None:
@@ -272,12 +297,44 @@ class DeslocStrategy(DDPStrategy):
         keys = self._state_keys[index]
         if keys is None:  # the optimizer's state exists from its first step on
             keys = self._state_keys[index] = tuple(sorted(averaged_state_keys(optimizer)))
-            self.schedule.check_keys(keys)
-        plan = self.schedule.due(step, keys)
+            if self.auto is None:
+                self.schedule.check_keys(keys)
         self._params_in_sync = False
+        if self.auto is not None and self.auto.chosen is None:
+            self._auto_warmup_step(optimizer, step, keys)
+            return output
+        plan = self.schedule.due(step, keys)
+        if self.drift is not None and not plan.params and self.drift.exceeded(
+            step, _params(optimizer), self.ledger, desloc_group(self.groups)
+        ):
+            plan = SyncPlan(step, True, plan.states, plan.reset_states)
+            self.early_syncs += 1
         if not plan.empty:
             self.sync(optimizer, plan, with_buffers=index == 0)
         return output
+
+    def _auto_warmup_step(self, optimizer: Optimizer, step: int, keys: tuple[str, ...]) -> None:
+        """Local steps are timed until the warm-up ends with a timed parameter average; then the periods
+        are chosen and the schedule replaced."""
+        assert self.auto is not None
+        self.auto.stamp(time.perf_counter())
+        if step < self.auto.warmup_steps:
+            return
+        start = time.perf_counter()
+        self.sync(optimizer, SyncPlan(step, params=True))
+        k_x, periods = self.auto.decide(time.perf_counter() - start, optimizer_betas(optimizer, keys), self.ledger,
+                                        desloc_group(self.groups))
+        policy = self.schedule.state_policy
+        self.schedule = SyncSchedule(k_x, periods if policy == "average" else None, policy)
+        rank_zero_info(
+            f"DES-LOC auto periods: step {self.auto.measured['step_time_s'] * 1e3:.1f} ms, average "
+            f"{self.auto.measured['round_time_s'] * 1e3:.1f} ms, budget {self.auto.comm_budget:.0%} -> "
+            f"param_sync_every={k_x}, state_sync_every={periods}"
+        )
+        self._log_metrics({"comm/auto/param_sync_every": float(k_x),
+                           "comm/auto/step_time_s": self.auto.measured["step_time_s"],
+                           "comm/auto/round_time_s": self.auto.measured["round_time_s"],
+                           **{f"comm/auto/state_sync_every/{k}": float(v) for k, v in periods.items()}})
 
     def _optimizer_index(self, optimizer: Optimizer) -> int:
         for i, opt in enumerate(self.optimizers):
@@ -317,6 +374,8 @@ class DeslocStrategy(DDPStrategy):
                 for key, value in optimizer.state.get(p, {}).items():
                     if _is_averaged(key, value, p):
                         value.zero_()
+        if plan.params and self.drift is not None:
+            self.drift.remember(params)
         if plan.params and len(self.optimizers) == 1:
             self._params_in_sync = True
         self._log_ledger()
@@ -332,10 +391,12 @@ class DeslocStrategy(DDPStrategy):
         self._params_in_sync = True
 
     def _log_ledger(self) -> None:
+        self._log_metrics(self.ledger.as_dict())
+
+    def _log_metrics(self, metrics: dict[str, float]) -> None:
         trainer = self.lightning_module.trainer if self.lightning_module is not None else None
         if not self.log_comm or trainer is None or not trainer.loggers:
             return
-        metrics = self.ledger.as_dict()
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
 
