@@ -1,0 +1,255 @@
+"""An independent simulator of M DES-LOC workers, written from the equations (no lightning_desloc, no torch.optim).
+
+Everything is float64. The model is a two-layer tanh MLP written with explicit weight tensors::
+
+    f(x; W1, b1, W2, b2) = tanh(x W1^T + b1) W2^T + b2,      loss = mean((f(x) - y)^2)
+
+Gradients come from ``torch.autograd.grad`` on that function, on the same per-rank batches
+(:func:`make_batch`) that the Lightning runs in ``test_equivalence.py`` train on.
+
+One optimizer step ``s`` of worker ``m`` (``s = 1, 2, ...`` counts completed steps; a step skipped
+because its gradient is not finite, as an AMP grad scaler does, leaves everything untouched and is
+not counted)::
+
+    g      = sum_j grad(loss(batch_j) / A)                       A micro-batches (gradient accumulation)
+    g     *= min(1, rho / (||g||_2 + 1e-6))                      optional clipping by the global norm
+    lr_s   = lr * schedule(s)                                    optional learning-rate schedule
+    x     <- optimizer update of x with g and its local state    (Adam, AdamW or SGD with momentum)
+    xbar   = mean_m x        if s % K_x == 0                     parameters, over the workers
+    kbar   = mean_m state_k  if s % K_k == 0                     each state key k on its own period
+
+The step counter ``t`` of Adam is never averaged (it is equal on every worker anyway).
+All workers start from the same parameters (the Lightning run broadcasts rank 0's).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+DTYPE = torch.float64
+IN, HIDDEN, OUT = 5, 7, 3
+BATCH = 6
+N_PARAMS = HIDDEN * IN + HIDDEN + OUT * HIDDEN + OUT
+
+
+# ----------------------------------------------------------------------------- data and model
+def make_batch(rank: int, index: int, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """Batch ``index`` of rank ``rank``: a deterministic function of (seed, rank, index); targets depend on the rank."""
+    g = torch.Generator().manual_seed(1_000_003 * seed + 10_007 * rank + index)
+    x = torch.randn(BATCH, IN, generator=g, dtype=DTYPE)
+    y = (1.0 + rank) * torch.sin(x[:, :OUT]) + 0.1 * torch.randn(BATCH, OUT, generator=g, dtype=DTYPE)
+    return x, y
+
+
+def initial_params(seed: int = 0) -> list[Tensor]:
+    """``[W1, b1, W2, b2]`` with shapes ``(HIDDEN, IN), (HIDDEN,), (OUT, HIDDEN), (OUT,)``."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(HIDDEN, IN), (HIDDEN,), (OUT, HIDDEN), (OUT,)]
+    return [0.4 * torch.randn(s, generator=g, dtype=DTYPE) for s in shapes]
+
+
+def perturbation(rank: int, seed: int = 0) -> list[Tensor]:
+    """What rank ``rank`` adds to its initial weights before the strategy broadcasts rank 0's."""
+    g = torch.Generator().manual_seed(7919 + 101 * seed + rank)
+    return [0.05 * (rank + 1) * torch.randn(p.shape, generator=g, dtype=DTYPE) for p in initial_params(seed)]
+
+
+def start_params(rank: int = 0, seed: int = 0) -> list[Tensor]:
+    """Rank ``rank``'s weights after its perturbation: ``initial_params + perturbation(rank)``."""
+    return [p + d for p, d in zip(initial_params(seed), perturbation(rank, seed))]
+
+
+def forward(params: list[Tensor], x: Tensor) -> Tensor:
+    w1, b1, w2, b2 = params
+    return torch.tanh(x @ w1.T + b1) @ w2.T + b2
+
+
+def loss_fn(params: list[Tensor], x: Tensor, y: Tensor) -> Tensor:
+    return ((forward(params, x) - y) ** 2).mean()
+
+
+def warmup_then_decay(step: int) -> float:
+    """LR multiplier after ``step`` completed steps (used as a LambdaLR lambda): linear warm-up over 3, then 0.9^k."""
+    return (step + 1) / 3 if step < 2 else 0.9 ** (step - 2)
+
+
+# ----------------------------------------------------------------------------- configuration
+@dataclass
+class Config:
+    """One DES-LOC run.
+
+    ``lr_schedule``: ``None`` (constant), ``("lambda",)`` for ``lr * warmup_then_decay(s - 1)``, or
+    ``("step", size, gamma)`` for ``lr * gamma ** ((s - 1) // size)`` (torch's StepLR stepped once per
+    optimizer step). ``skip_calls``: 0-based optimizer-step calls whose gradient is made infinite.
+    """
+
+    optimizer: str  # "adam" | "adamw" | "sgd"
+    param_sync_every: int
+    state_sync_every: dict[str, int]
+    lr: float = 1e-2
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    momentum: float = 0.9
+    dampening: float = 0.0
+    nesterov: bool = False
+    accumulate: int = 1
+    clip_norm: Optional[float] = None
+    lr_schedule: Optional[tuple] = None
+    skip_calls: frozenset = field(default_factory=frozenset)
+    seed: int = 0
+
+    def state_keys(self) -> tuple[str, ...]:
+        return ("momentum_buffer",) if self.optimizer == "sgd" else ("exp_avg", "exp_avg_sq")
+
+    def lr_at(self, s: int) -> float:
+        """Learning rate used by optimizer step ``s`` (1-based)."""
+        if self.lr_schedule is None:
+            return self.lr
+        if self.lr_schedule[0] == "lambda":
+            return self.lr * warmup_then_decay(s - 1)
+        if self.lr_schedule[0] == "step":
+            _, size, gamma = self.lr_schedule
+            return self.lr * gamma ** ((s - 1) // size)
+        raise ValueError(self.lr_schedule)
+
+
+# ----------------------------------------------------------------------------- one worker
+@dataclass
+class Worker:
+    params: list[Tensor]
+    state: dict[str, list[Tensor]] = field(default_factory=dict)
+    t: int = 0  # completed local optimizer steps
+
+    def snapshot(self) -> dict:
+        return {
+            "params": [p.clone() for p in self.params],
+            "state": {k: [v.clone() for v in vs] for k, vs in self.state.items()},
+            "step": self.t,
+        }
+
+
+def gradient(cfg: Config, params: list[Tensor], rank: int, call: int) -> list[Tensor]:
+    """Gradient of optimizer-step call ``call``: ``sum_j grad(loss_j / A)`` over its ``A`` micro-batches."""
+    leaves = [p.detach().clone().requires_grad_(True) for p in params]
+    total = [torch.zeros_like(p) for p in params]
+    for j in range(cfg.accumulate):
+        x, y = make_batch(rank, call * cfg.accumulate + j, cfg.seed)
+        loss = loss_fn(leaves, x, y)
+        if call in cfg.skip_calls:
+            loss = loss * math.inf
+        for acc, g in zip(total, torch.autograd.grad(loss / cfg.accumulate, leaves)):
+            acc += g
+    return total
+
+
+def clip_(grads: list[Tensor], max_norm: float) -> None:
+    """``coef = max_norm / (sqrt(sum_i ||g_i||^2) + 1e-6)``; multiply every gradient by it when ``coef < 1``."""
+    total = math.sqrt(sum(float((g * g).sum()) for g in grads))
+    coef = max_norm / (total + 1e-6)
+    if coef < 1:
+        for g in grads:
+            g.mul_(coef)
+
+
+def adam_update(cfg: Config, w: Worker, grads: list[Tensor], lr: float) -> None:
+    """Adam (``optimizer="adam"``, L2 weight decay folded into g) or AdamW (decoupled decay), by hand::
+
+        AdamW:  x <- x (1 - lr wd)          Adam: g <- g + wd x
+        u <- b1 u + (1 - b1) g;   v <- b2 v + (1 - b2) g^2
+        x <- x - lr (u / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)
+    """
+    b1, b2 = cfg.betas
+    if not w.state:
+        w.state = {"exp_avg": [torch.zeros_like(p) for p in w.params],
+                   "exp_avg_sq": [torch.zeros_like(p) for p in w.params]}
+    w.t += 1
+    t = w.t
+    new_params = []
+    for x, g, u, v in zip(w.params, grads, w.state["exp_avg"], w.state["exp_avg_sq"]):
+        if cfg.optimizer == "adamw":
+            x = x * (1 - lr * cfg.weight_decay)
+        elif cfg.weight_decay:
+            g = g + cfg.weight_decay * x
+        u.copy_(b1 * u + (1 - b1) * g)
+        v.copy_(b2 * v + (1 - b2) * g * g)
+        u_hat = u / (1 - b1**t)
+        v_hat = v / (1 - b2**t)
+        new_params.append(x - lr * u_hat / (torch.sqrt(v_hat) + cfg.eps))
+    w.params = new_params
+
+
+def sgd_update(cfg: Config, w: Worker, grads: list[Tensor], lr: float) -> None:
+    """SGD with momentum, torch's conventions::
+
+        d <- g + wd x
+        buf <- d (first step) | mu buf + (1 - dampening) d
+        x <- x - lr (d + mu buf)  (nesterov)  |  x - lr buf
+    """
+    mu = cfg.momentum
+    first = not w.state
+    if first:
+        w.state = {"momentum_buffer": [None] * len(w.params)}
+    w.t += 1
+    new_params = []
+    for i, (x, g) in enumerate(zip(w.params, grads)):
+        d = g + cfg.weight_decay * x
+        buf = d.clone() if first else mu * w.state["momentum_buffer"][i] + (1 - cfg.dampening) * d
+        w.state["momentum_buffer"][i] = buf
+        step = d + mu * buf if cfg.nesterov else buf
+        new_params.append(x - lr * step)
+    w.params = new_params
+
+
+def _average(tensor_lists: list[list[Tensor]]) -> list[Tensor]:
+    """Element-wise mean over workers of a list of tensors per worker."""
+    return [torch.stack(ts).mean(dim=0) for ts in zip(*tensor_lists)]
+
+
+# ----------------------------------------------------------------------------- the M-worker run
+def simulate(cfg: Config, n_calls: int, workers: int = 2, init: Optional[list[Tensor]] = None) -> list[list[dict]]:
+    """Run ``n_calls`` optimizer-step calls on ``workers`` workers.
+
+    Returns ``history`` with ``history[c][m]`` the snapshot (params, state, step) of worker ``m`` right
+    after call ``c`` and its averaging round; ``history[0]`` is the start, so ``len == n_calls + 1``.
+    """
+    init = start_params(0, cfg.seed) if init is None else init
+    team = [Worker(params=[p.clone() for p in init]) for _ in range(workers)]
+    history = [[w.snapshot() for w in team]]
+    s = 0  # completed optimizer steps (equal on every worker)
+    for call in range(n_calls):
+        grads = [gradient(cfg, w.params, m, call) for m, w in enumerate(team)]
+        if any(not torch.isfinite(g).all() for gs in grads for g in gs):
+            history.append([w.snapshot() for w in team])  # skipped: nothing changes, not counted
+            continue
+        s += 1
+        lr = cfg.lr_at(s)
+        for w, gs in zip(team, grads):
+            if cfg.clip_norm is not None:
+                clip_(gs, cfg.clip_norm)
+            (sgd_update if cfg.optimizer == "sgd" else adam_update)(cfg, w, gs, lr)
+        if s % cfg.param_sync_every == 0:
+            mean = _average([w.params for w in team])
+            for w in team:
+                w.params = [p.clone() for p in mean]
+        for key in cfg.state_keys():
+            if s % cfg.state_sync_every[key] == 0:
+                mean = _average([w.state[key] for w in team])
+                for w in team:
+                    w.state[key] = [v.clone() for v in mean]
+        history.append([w.snapshot() for w in team])
+    return history
+
+
+def consensus(snapshots: list[dict]) -> list[Tensor]:
+    """Mean over workers of the parameters in one row of ``history``."""
+    return _average([snap["params"] for snap in snapshots])
+
+
+def optimizer_steps(cfg: Config, n_calls: int) -> int:
+    return n_calls - sum(1 for c in cfg.skip_calls if c < n_calls)

@@ -1,0 +1,253 @@
+"""Real 2-process DES-LOC fits against the independent simulator in ``reference.py``.
+
+Each case runs ``Trainer(devices=2, strategy=DeslocStrategy(..., start_method="spawn"))`` on gloo in
+float64. A callback in every worker process records the parameters and the optimizer state after
+every optimizer step (and at the start, after the strategy's rank-0 broadcast), and the weights each
+rank ends the fit with; the pytest process compares all of it with ``reference.simulate`` for
+M = 2 workers on the same per-rank data, from rank 0's perturbed initial weights.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.plugins import MixedPrecision
+from torch.utils.data import DataLoader
+
+import reference as ref
+from lightning_desloc import DeslocStrategy
+
+WORLD = 2
+TOL = dict(rtol=1e-10, atol=1e-12)
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # Lightning's num_workers and similar hints
+
+
+# --------------------------------------------------------------------------- what runs in the workers
+class Mlp(L.LightningModule):
+    """The model of ``reference.forward`` written with ``nn.Linear`` layers, trained per ``cfg``."""
+
+    def __init__(self, cfg: ref.Config, n_calls: int, manual: bool = False):
+        super().__init__()
+        self.cfg, self.n_calls, self.manual = cfg, n_calls, manual
+        self.automatic_optimization = not manual
+        self.net = torch.nn.Sequential(
+            torch.nn.Linear(ref.IN, ref.HIDDEN), torch.nn.Tanh(), torch.nn.Linear(ref.HIDDEN, ref.OUT)
+        ).double()
+        with torch.no_grad():
+            for p, value in zip(self.net.parameters(), ref.initial_params(cfg.seed)):
+                p.copy_(value)
+
+    def setup(self, stage):
+        # runs before the strategy's setup: every rank starts from different weights until rank 0's are broadcast
+        with torch.no_grad():
+            for p, delta in zip(self.net.parameters(), ref.perturbation(self.global_rank, self.cfg.seed)):
+                p.add_(delta)
+        self.perturbed = [p.detach().clone() for p in self.net.parameters()]
+
+    def _loss(self, batch, batch_idx):
+        x, y = batch
+        loss = torch.nn.functional.mse_loss(self.net(x), y)
+        if batch_idx in self.cfg.skip_calls:
+            loss = loss * math.inf
+        return loss
+
+    def training_step(self, batch, batch_idx):
+        if not self.manual:
+            return self._loss(batch, batch_idx)
+        opt = self.optimizers()
+        opt.zero_grad()
+        self.manual_backward(self._loss(batch, batch_idx))
+        if self.cfg.clip_norm is not None:
+            self.clip_gradients(opt, gradient_clip_val=self.cfg.clip_norm, gradient_clip_algorithm="norm")
+        opt.step()
+        scheduler = self.lr_schedulers()
+        if scheduler is not None:
+            scheduler.step()
+
+    def configure_optimizers(self):
+        c = self.cfg
+        if c.optimizer == "adam":
+            opt = torch.optim.Adam(self.parameters(), lr=c.lr, betas=c.betas, eps=c.eps, weight_decay=c.weight_decay)
+        elif c.optimizer == "adamw":
+            opt = torch.optim.AdamW(self.parameters(), lr=c.lr, betas=c.betas, eps=c.eps, weight_decay=c.weight_decay)
+        else:
+            opt = torch.optim.SGD(self.parameters(), lr=c.lr, momentum=c.momentum, dampening=c.dampening,
+                                  weight_decay=c.weight_decay, nesterov=c.nesterov)
+        if c.lr_schedule is None:
+            return opt
+        if c.lr_schedule[0] == "lambda":
+            scheduler = torch.optim.lr_scheduler.LambdaLR(opt, ref.warmup_then_decay)
+        else:
+            _, size, gamma = c.lr_schedule
+            scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=size, gamma=gamma)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def train_dataloader(self):
+        rank = self.trainer.global_rank
+        batches = [ref.make_batch(rank, i, self.cfg.seed) for i in range(self.n_calls * self.cfg.accumulate)]
+        return DataLoader(batches, batch_size=None)
+
+
+class Recorder(Callback):
+    """Saves, per rank, the state after every optimizer step and the weights the rank ends ``fit`` with."""
+
+    def __init__(self, out_dir: str):
+        self.out_dir = out_dir
+
+    @staticmethod
+    def _snapshot(trainer, module) -> dict:
+        params = list(module.parameters())
+        opt = trainer.optimizers[0]
+        keys = sorted({k for p in params for k in opt.state.get(p, {})} - {"step"})
+        steps = {int(opt.state[p]["step"]) for p in params if "step" in opt.state.get(p, {})}
+        return {
+            "global_step": trainer.global_step,
+            "params": [p.detach().clone() for p in params],
+            "state": {k: [opt.state[p][k].detach().clone() for p in params] for k in keys},
+            "step": steps.pop() if len(steps) == 1 else (None if not steps else sorted(steps)),
+        }
+
+    def on_train_start(self, trainer, module):
+        self.history = [self._snapshot(trainer, module)]
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        if trainer.global_step != self.history[-1]["global_step"]:  # once per optimizer step, not per micro-batch
+            self.history.append(self._snapshot(trainer, module))
+
+    def on_fit_end(self, trainer, module):  # after the strategy's on_train_end
+        torch.save(
+            {
+                "perturbed": module.perturbed,
+                "history": self.history,
+                "final": [p.detach().clone() for p in module.parameters()],
+                "optimizer_steps": list(trainer.strategy.optimizer_steps),
+            },
+            f"{self.out_dir}/rank{trainer.global_rank}.pt",
+        )
+
+
+# --------------------------------------------------------------------------- the cases
+ADAM_PERIODS = {"exp_avg": 4, "exp_avg_sq": 6}
+SGD_PERIODS = {"momentum_buffer": 5}
+CASES = {
+    # name: (reference config, optimizer-step calls, DeslocStrategy's state_sync_every, manual optimization)
+    "adam": (ref.Config("adam", param_sync_every=3, state_sync_every=ADAM_PERIODS, lr=2e-2), 14, ADAM_PERIODS, False),
+    # state_sync_every=None must give the paper's defaults 3*K_x and 6*K_x
+    "adam-l2-clip-lambdalr": (
+        ref.Config("adam", param_sync_every=2, state_sync_every={"exp_avg": 6, "exp_avg_sq": 12}, lr=3e-2,
+                   weight_decay=0.05, clip_norm=1.2, lr_schedule=("lambda",)),
+        13, None, False,
+    ),
+    "adamw-accumulate-steplr": (
+        ref.Config("adamw", param_sync_every=3, state_sync_every=ADAM_PERIODS, lr=2e-2, weight_decay=0.1,
+                   accumulate=2, lr_schedule=("step", 4, 0.5)),
+        13, ADAM_PERIODS, False,
+    ),
+    "sgd-momentum-accumulate-clip": (
+        ref.Config("sgd", param_sync_every=3, state_sync_every=SGD_PERIODS, lr=5e-2, momentum=0.9,
+                   dampening=0.1, weight_decay=0.01, accumulate=2, clip_norm=1.2),
+        16, SGD_PERIODS, False,
+    ),
+    "manual-sgd-nesterov-clip-steplr": (
+        ref.Config("sgd", param_sync_every=4, state_sync_every=SGD_PERIODS, lr=5e-2, momentum=0.8,
+                   nesterov=True, clip_norm=1.5, lr_schedule=("step", 5, 0.7)),
+        14, SGD_PERIODS, True,
+    ),
+    "manual-adam": (ref.Config("adam", param_sync_every=3, state_sync_every=ADAM_PERIODS, lr=2e-2), 13, ADAM_PERIODS, True),
+    # fp16 GradScaler on CPU: autocast leaves float64 ops alone and the scale is a power of two, so the
+    # gradients are exact; calls 2 and 5 get infinite gradients, the scaler skips them, and they must not count.
+    "amp-skipped-steps": (
+        ref.Config("adam", param_sync_every=2, state_sync_every={"exp_avg": 5, "exp_avg_sq": 3}, lr=2e-2,
+                   skip_calls=frozenset({2, 5})),
+        13, {"exp_avg": 5, "exp_avg_sq": 3}, False,
+    ),
+}
+
+
+def run_fit(tmp_path, cfg: ref.Config, n_calls: int, state_sync_every, manual: bool):
+    """One real 2-process fit; returns the strategy of the main process and each rank's records."""
+    kwargs = {"accumulate_grad_batches": cfg.accumulate}
+    if cfg.clip_norm is not None and not manual:  # manual optimization clips in training_step
+        kwargs.update(gradient_clip_val=cfg.clip_norm, gradient_clip_algorithm="norm")
+    if cfg.skip_calls:
+        kwargs["plugins"] = [MixedPrecision(precision="16-mixed", device="cpu", scaler=torch.amp.GradScaler("cpu"))]
+    strategy = DeslocStrategy(param_sync_every=cfg.param_sync_every, state_sync_every=state_sync_every,
+                              start_method="spawn")
+    model = Mlp(cfg, n_calls, manual=manual)
+    model.double()
+    trainer = L.Trainer(
+        accelerator="cpu", devices=WORLD, strategy=strategy, max_epochs=1, limit_val_batches=0,
+        use_distributed_sampler=False, enable_progress_bar=False, logger=False, enable_checkpointing=False,
+        enable_model_summary=False, callbacks=[Recorder(str(tmp_path))], **kwargs,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(model)
+    return strategy, [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+
+
+def assert_snapshot_matches(got: dict, want: dict, where: str) -> None:
+    torch.testing.assert_close(got["params"], want["params"], **TOL, msg=lambda m: f"{where}, params: {m}")
+    assert set(got["state"]) == set(want["state"]), where
+    for key in want["state"]:
+        torch.testing.assert_close(got["state"][key], want["state"][key], **TOL, msg=lambda m: f"{where}, {key}: {m}")
+    if want["state"] and "exp_avg" in want["state"]:
+        assert got["step"] == want["step"], f"{where}: Adam's step counter {got['step']} != {want['step']}"
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_every_step_matches_the_reference(tmp_path, name):
+    cfg, n_calls, state_sync_every, manual = CASES[name]
+    strategy, ranks = run_fit(tmp_path, cfg, n_calls, state_sync_every, manual)
+    history = ref.simulate(cfg, n_calls, workers=WORLD, init=ref.start_params(0, cfg.seed))
+    n_steps = ref.optimizer_steps(cfg, n_calls)
+
+    # the ranks really started apart, and the broadcast left both on rank 0's perturbed weights
+    torch.testing.assert_close(ranks[0]["perturbed"], ref.start_params(0, cfg.seed), rtol=0, atol=0)
+    torch.testing.assert_close(ranks[1]["perturbed"], ref.start_params(1, cfg.seed), rtol=0, atol=0)
+    assert not torch.equal(ranks[0]["perturbed"][0], ranks[1]["perturbed"][0])
+
+    for r in range(WORLD):
+        assert ranks[r]["optimizer_steps"] == [n_steps]
+        assert len(ranks[r]["history"]) == n_calls + 1, f"rank {r}: one record per optimizer step expected"
+        for call, (got, want) in enumerate(zip(ranks[r]["history"], history)):
+            assert got["global_step"] == call
+            assert_snapshot_matches(got, want[r], f"{name}: rank {r} after optimizer-step call {call}")
+    assert strategy.optimizer_steps == [n_steps]  # rank 0's counters reach the main process
+
+    # not vacuous: rank-dependent data drives the ranks apart between averages
+    assert not torch.allclose(ranks[0]["history"][1]["params"][0], ranks[1]["history"][1]["params"][0])
+
+    # after fit every rank holds the consensus: the mean of the last local parameters
+    expected_final = ref.consensus(history[-1])
+    for r in range(WORLD):
+        torch.testing.assert_close(ranks[r]["final"], expected_final, **TOL)
+    last_was_sync = n_steps % cfg.param_sync_every == 0
+    if not last_was_sync:
+        assert not torch.allclose(ranks[0]["history"][-1]["params"][0], expected_final[0])
+
+    # the bytes of the schedule, plus one closing parameter average when the last step was not a sync step
+    model_bytes = ref.N_PARAMS * 8
+    assert strategy.ledger.bytes["params"] == (n_steps // cfg.param_sync_every + (not last_was_sync)) * model_bytes
+    for key in cfg.state_keys():
+        assert strategy.ledger.bytes.get(f"state/{key}", 0) == n_steps // cfg.state_sync_every[key] * model_bytes
+    assert strategy.ledger.bytes["setup"] == model_bytes
+
+
+def test_reference_averages_on_the_documented_steps():
+    """The simulator itself: workers agree exactly on the steps where something is averaged, and only there."""
+    cfg, n_calls = CASES["adam"][0], CASES["adam"][1]
+    history = ref.simulate(cfg, n_calls)
+    for s in range(1, n_calls + 1):
+        a, b = history[s]
+        assert a["step"] == b["step"] == s
+        assert all(torch.equal(p, q) for p, q in zip(a["params"], b["params"])) == (s % 3 == 0), s
+        for key, period in ADAM_PERIODS.items():
+            same = all(torch.equal(p, q) for p, q in zip(a["state"][key], b["state"][key]))
+            assert same == (s % period == 0), (s, key)
