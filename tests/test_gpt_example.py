@@ -335,3 +335,23 @@ def test_plot_command_on_real_runs(runs, tmp_path):
     for png in ("val_loss_vs_step.png", "val_loss_vs_bytes.png"):
         data = (out / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+
+
+def test_tensorboard_logger_receives_the_ledger(prepared, tmp_path):
+    """The same run with a TensorBoard logger: the ledger's scalars land in the event file."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logs = tmp_path / "tb"
+    _train(CONFIGS["desloc"], prepared, logs, "--trainer.enable_progress_bar=false",
+           "--trainer.strategy.init_args.param_sync_every=2",
+           "--trainer.logger=lightning.pytorch.loggers.TensorBoardLogger",
+           f"--trainer.logger.init_args.save_dir={logs}", "--trainer.logger.init_args.name=desloc")  # fmt: skip
+    (event_file,) = logs.rglob("events.out.tfevents.*")
+    events = EventAccumulator(str(event_file.parent))
+    events.Reload()
+    scalars = events.Tags()["scalars"]
+    assert {"val/loss", "val/ppl", "comm/bytes/params", "comm/ratio_vs_ddp"} <= set(scalars)
+    grad_bytes = events.Scalars("model/grad_bytes_per_step")[0].value
+    # K_x = 2 over STEPS steps: STEPS // 2 parameter averages of one model size each (float32 exact here)
+    assert events.Scalars("comm/bytes/params")[-1].value == grad_bytes * (STEPS // 2)
