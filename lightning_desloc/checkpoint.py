@@ -57,7 +57,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from lightning_desloc.averaging import average_
-from lightning_desloc.schedule import NEVER_AVERAGED_KEYS
+from lightning_desloc.schedule import NEVER_AVERAGED_KEYS, SyncSchedule
 
 if TYPE_CHECKING:
     from lightning_desloc.strategy import DeslocStrategy
@@ -304,6 +304,7 @@ def save(
         "optimizer_states": local_opt,
         "ledger": strategy.ledger.state_dict(),
         "rng": _capture_rng(),
+        "compression": strategy.compression.state_dict() if strategy.compression is not None else None,
     }
     data = _to_bytes(shard)
     atomic_write(os.path.join(save_dir, shard_name(rank)), data)
@@ -327,6 +328,9 @@ def save(
         },
         "ledger": strategy.ledger.state_dict(),
         "weights_only": local_opt is None,
+        # equal on every rank, so rank 0's copy is the global one
+        "outer": strategy.outer.state_dict() if strategy.outer is not None else None,
+        "auto_chosen": list(strategy.auto.chosen) if strategy.auto is not None and strategy.auto.chosen else None,
     }
     manifest = {**{k: meta[k] for k in ("format", "save_id", "world_size", "global_step", "optimizer_steps", "fingerprint")}}
     manifest["shards"] = sorted(entries, key=lambda e: e["rank"])
@@ -422,11 +426,14 @@ def load(strategy: "DeslocStrategy", checkpoint_path: _PATH, weights_only: Optio
             f"Cannot resume from {filepath}: {bad}. Delete or restore the shards, or pass "
             "DeslocStrategy(allow_consensus_fallback=True) to start every rank from the consensus in the main file."
         )
+    consensus_sd = main["state_dict"]
     if worst == OK:
         assert shard is not None
         _apply_local(strategy, main, shard, decision)
+        _restore_sync_extras(strategy, consensus_sd, meta, shard)
         return main
     _apply_consensus(strategy, main, meta, decision)
+    _restore_sync_extras(strategy, consensus_sd, meta, None)
     if worst == BAD:
         rank_zero_warn(
             f"DES-LOC resume from {filepath}: bad shards ({'; '.join(r for s, r in verdicts if s == BAD)}); "
@@ -438,6 +445,42 @@ def load(strategy: "DeslocStrategy", checkpoint_path: _PATH, weights_only: Optio
             "every rank starts from the consensus parameters and optimizer states in the main file."
         )
     return main
+
+
+def _restore_sync_extras(
+    strategy: "DeslocStrategy", consensus_sd: dict[str, Any], meta: dict[str, Any], shard: Optional[dict[str, Any]]
+) -> None:
+    """Restore what the strategy keeps beside the optimizers (all support one optimizer):
+
+    * periods chosen by ``param_sync_every="auto"`` (so a resumed run does not warm up again);
+    * the outer optimizer (its global parameters and momentum), global and so in the main file; a
+      checkpoint without it starts the outer optimizer afresh from the consensus parameters;
+    * the compression memory: on the local path each rank's own delta anchor and error feedback from
+      its shard, on the consensus path a fresh anchor at the consensus parameters (equal on every
+      rank, as delta coding requires) and no residual.
+    """
+    if strategy.auto is not None and meta.get("auto_chosen"):
+        k_x, periods = meta["auto_chosen"]
+        strategy.auto.chosen = (int(k_x), dict(periods))
+        policy = strategy.schedule.state_policy
+        strategy.schedule = SyncSchedule(int(k_x), dict(periods) if policy == "average" else None, policy)
+    if (strategy.outer is None and strategy.compression is None) or not strategy.optimizers:
+        return
+    module = strategy.lightning_module
+    names = {id(p): n for n, p in module.named_parameters()}
+    params = [p for g in strategy.optimizers[0].param_groups for p in g["params"]]
+    consensus = [consensus_sd[names[id(p)]] if names.get(id(p)) in consensus_sd else p.detach() for p in params]
+    if strategy.outer is not None:
+        if meta.get("outer"):
+            strategy.outer.load_state_dict(meta["outer"])
+        else:
+            strategy.outer.prime(consensus)
+    if strategy.compression is not None:
+        if shard is not None and shard.get("compression") is not None:
+            strategy.compression.load_state_dict(shard["compression"])
+        else:
+            strategy.compression.categories.clear()
+            strategy.compression.prime("params", consensus)
 
 
 def _set_steps(strategy: "DeslocStrategy", steps: list[int]) -> None:
