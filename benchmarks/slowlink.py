@@ -206,9 +206,13 @@ try:
         """Logs ``time/train_s`` after every validation: wall clock since the first training batch,
         not counting the validation passes themselves (they only observe; every run does the same ones).
 
-        Also logs ``time/fit_s`` (validation included) at the same points."""
+        Also logs ``time/fit_s`` (validation included) at the same points. With ``stop_below`` (or the
+        environment variable ``SLOWLINK_STOP_BELOW``) training stops at the first validation whose
+        ``val/loss`` (synchronised over ranks, so every rank decides alike) is at or below it."""
 
-        def __init__(self) -> None:
+        def __init__(self, stop_below: Optional[float] = None) -> None:
+            env = os.environ.get("SLOWLINK_STOP_BELOW")
+            self.stop_below = stop_below if stop_below is not None else (float(env) if env else None)
             self._start: Optional[float] = None
             self._paused_total = 0.0
             self._pause_start: Optional[float] = None
@@ -232,6 +236,19 @@ try:
                 for logger in trainer.loggers:
                     logger.log_metrics({"time/train_s": train_s, "time/fit_s": now - self._start},
                                        step=trainer.global_step)
+            loss = trainer.callback_metrics.get("val/loss")
+            if self.stop_below is not None and loss is not None and float(loss) <= self.stop_below:
+                trainer.should_stop = True
+
+        def teardown(self, trainer: "pl.Trainer", pl_module: Any, stage: str) -> None:
+            # The last hook of fit: leave together and close gloo's connections now. Left to interpreter
+            # exit, one node intermittently aborted ("terminate called without an active exception")
+            # when its peer had already gone, after all work was done.
+            import torch.distributed as dist
+
+            if dist.is_available() and dist.is_initialized():
+                dist.barrier()
+                dist.destroy_process_group()
 
     class StopAndCheckpoint(pl.Callback):
         """Save a checkpoint with ``trainer.save_checkpoint(path)`` after optimizer step ``step`` and stop."""

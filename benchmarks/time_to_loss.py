@@ -1,0 +1,208 @@
+"""Time to loss on a 100 Mbit/s link: the GPT example, DDP vs Local Adam vs DES-LOC, 2 nodes x 1 process.
+
+The link is the one of ``sync_round.py`` (two network namespaces, veth, ``tc tbf rate 100mbit``;
+built and removed here, root only). Each run is ``examples/gpt/train.py fit --config
+configs/gpt-tiny-{ddp,local-adam,desloc}.yaml`` with ``--trainer.num_nodes=2 --trainer.devices=1``,
+one node per namespace, plus the same overrides for all runs:
+
+* ``--data.batch_size`` (default 4 sequences of 128 bytes per rank and step): a small per-step
+  compute so that the run is in the slow-link regime, where DDP's per-step gradient all-reduce
+  (898,560 bytes, ~72 ms at 12.5 MB/s) costs more than the step's computation;
+* ``--model.min_lr_ratio=1.0``: constant learning rate after warm-up, so that the learning-rate schedule
+  does not depend on ``max_steps`` and runs of different lengths are comparable step by step;
+* validation every ``--val-every`` steps on ``--val-batches`` batches (the consensus model under DES-LOC).
+
+DDP runs ``--steps`` steps; its final validation loss is the target. Local Adam and DES-LOC (for each
+``--k``: Local Adam with every state on period K, DES-LOC with ``K_x = K`` and the states on 3K and 6K)
+then run until their validation loss is at or below the target (at most ``--local-factor`` x steps).
+The clock (``slowlink.TrainClock``) is training wall clock from the first batch, without the
+validation passes (identical work in every run). Time to target = clock at the first validation at or
+below the target. Speed-ups are ratios of those times, all from this one invocation.
+
+    sudo python benchmarks/time_to_loss.py                 # a few minutes
+    python benchmarks/time_to_loss.py --smoke              # tiny model and corpus, seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Optional
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import markdown_table  # noqa: E402
+from gptrun import REPO, SMOKE_DATA_BYTES, SMOKE_MODEL, SMOKE_VAL_EVERY, Metrics, dump, ensure_data, gpt_argv, read_metrics  # noqa: E402
+from slowlink import SlowLink, can_make_link, run_two_nodes  # noqa: E402
+
+
+def time_to(metrics: Metrics, target: float) -> Optional[tuple[int, float]]:
+    for step, loss, train_s, _ in metrics.val:
+        if train_s is not None and loss <= target:
+            return step, train_s
+    return None
+
+
+def plot(results: dict[str, Metrics], target: float, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for label, m in results.items():
+        pts = [(t, loss) for _, loss, t, _ in m.val if t is not None]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", markersize=3, label=label)
+    ax.axhline(target, color="grey", linestyle="--", linewidth=1, label=f"target: DDP final {target:.3f}")
+    ax.set_xlabel("training wall clock (s), validation passes excluded")
+    ax.set_ylabel("validation loss")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--smoke", action="store_true", help="tiny model and corpus, few steps; loopback when not root")
+    ap.add_argument("--steps", type=int, default=500, help="DDP's max_steps (the target is its final val loss)")
+    ap.add_argument("--k", type=int, nargs="+", default=[16, 4], help="K (= K_x for DES-LOC) values to run")
+    ap.add_argument("--local-factor", type=float, default=2.0, help="local runs stop at the target or this x steps")
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--val-every", type=int, default=25)
+    ap.add_argument("--val-batches", type=int, default=16)
+    ap.add_argument("--rate", default="100mbit")
+    ap.add_argument("--loopback", action="store_true", help="no namespaces: both nodes on 127.0.0.1")
+    ap.add_argument("--out", default="runs/slow-link/time-to-loss", help="CSV logs (one directory per run)")
+    ap.add_argument("--png", default="docs/slow-link-time-to-loss.png")
+    ap.add_argument("--data-dir", default="data/gpt-stdlib")
+    ap.add_argument("--timeout", type=float, default=900, help="per run, seconds")
+    args = ap.parse_args()
+    extra: list[str] = ["--model.min_lr_ratio=1.0"]
+    tmp = None
+    if args.smoke:
+        tmp = tempfile.mkdtemp(prefix="ttl_smoke_")
+        args.steps, args.k, args.val_every, args.val_batches, args.batch_size = 6, [2], 3, 2, 2
+        args.out, args.png, args.data_dir, args.timeout = f"{tmp}/runs", f"{tmp}/ttl.png", f"{tmp}/data", 180
+        extra += SMOKE_MODEL
+    extra += [f"--data.data_dir={args.data_dir}", f"--data.batch_size={args.batch_size}",
+              f"--trainer.val_check_interval={args.val_every}", f"--trainer.limit_val_batches={args.val_batches}",
+              "--trainer.num_nodes=2", "--trainer.devices=1", "--trainer.callbacks+=slowlink.TrainClock"]
+    try:
+        if args.smoke:
+            ensure_data(args.data_dir, SMOKE_DATA_BYTES, val_every=SMOKE_VAL_EVERY)
+        else:
+            ensure_data(args.data_dir, 4_000_000)
+        ok, why = can_make_link()
+        use_link = ok and not args.loopback
+        if not use_link:
+            print(f"NOTE: no network namespaces ({why or '--loopback'}): both nodes on loopback, no rate limit; "
+                  "the ratios below are not slow-link results.")
+        out = Path(args.out)
+        if not out.is_absolute():
+            out = REPO / out
+        env = {"PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parent), os.environ.get("PYTHONPATH", "")])}
+
+        runs: list[tuple[str, str, Optional[int], int, Optional[float]]] = []  # label, config, K, max_steps, stop
+        results: dict[str, Metrics] = {}
+        commands: dict[str, list[str]] = {}
+
+        def run(label: str, config: str, k: Optional[int], max_steps: int, stop_below: Optional[float]) -> Metrics:
+            name = label.lower().replace(" ", "-").replace("=", "").replace("(", "").replace(")", "").replace(",", "")
+            shutil.rmtree(out / name, ignore_errors=True)
+            (out / name).mkdir(parents=True, exist_ok=True)
+            argv = gpt_argv(config, save_dir=out, name=name, k=k, extra=(*extra, f"--trainer.max_steps={max_steps}"))
+            run_env = dict(env)
+            if stop_below is not None:
+                run_env["SLOWLINK_STOP_BELOW"] = repr(stop_below)
+            commands[label] = argv
+            logs = [out / name / "node0.log", out / name / "node1.log"]
+            link = SlowLink(rate=args.rate) if use_link else None
+            start = time.perf_counter()
+            if link is not None:
+                with link:
+                    codes = run_two_nodes(argv, link, logs, args.timeout, extra_env=run_env)
+            else:
+                codes = run_two_nodes(argv, None, logs, args.timeout, extra_env=run_env)
+            wall = time.perf_counter() - start
+            if any(codes):
+                for node, log in enumerate(logs):
+                    print(f"--- {label} node {node} (exit {codes[node]}) ---\n{log.read_text()[-3000:]}", file=sys.stderr)
+                raise SystemExit(1)
+            m = read_metrics(out / name)
+            print(f"[{label}] {m.val[-1][0]} steps, final val loss {m.val[-1][1]:.4f}, process wall {wall:.1f} s",
+                  flush=True)
+            results[label] = m
+            return m
+
+        ddp = run("DDP", "ddp", None, args.steps, None)
+        target = ddp.val[-1][1]
+        local_steps = int(round(args.steps * args.local_factor))
+        for k in args.k:
+            run(f"Local Adam (K={k})", "local-adam", k, local_steps, target)
+            run(f"DES-LOC (K_x={k})", "desloc", k, local_steps, target)
+
+        ddp_t = time_to(ddp, target)
+        assert ddp_t is not None
+        rows = []
+        summary = {"target": target, "runs": {}}
+        for label, m in results.items():
+            hit = time_to(m, target)
+            k = None if label == "DDP" else label.split("=")[1].rstrip(")")
+            la = results.get(f"Local Adam (K={k})") if k else None
+            la_t = time_to(la, target) if la is not None else None
+            last_step, _, last_t, _ = [v for v in m.val if v[2] is not None][-1]
+            per_step = last_t / last_step
+            if hit is None:
+                rows.append([label, "not reached", f"> {last_t:.1f}", f"{per_step * 1e3:.0f}", f"{min(v[1] for v in m.val):.4f}",
+                             "-", "-"])
+                summary["runs"][label] = {"reached": False, "ms_per_step": per_step * 1e3}
+                continue
+            step, t = hit
+            vs_ddp = ddp_t[1] / t
+            vs_la = (la_t[1] / t) if (la_t and label.startswith("DES-LOC")) else None
+            rows.append([label, str(step), f"{t:.1f}", f"{per_step * 1e3:.0f}", f"{m.val[-1][1]:.4f}", f"{vs_ddp:.2f}x",
+                         f"{vs_la:.2f}x" if vs_la else "-"])
+            summary["runs"][label] = {"reached": True, "step": step, "seconds": t, "ms_per_step": per_step * 1e3,
+                                      "speedup_vs_ddp": vs_ddp, "speedup_vs_local_adam": vs_la,
+                                      "command": " ".join(commands[label])}
+        link_desc = f"{args.rate} veth + tc tbf, 2 nodes x 1 process" if use_link else "loopback, 2 nodes x 1 process"
+        print()
+        print(f"target: DDP's final validation loss after {args.steps} steps = {target:.4f}; link: {link_desc}; "
+              f"batch {args.batch_size} x 128 tokens per rank and step")
+        print()
+        print(markdown_table(["run", "steps to target", "train wall clock to target (s)", "ms per step",
+                              "last val loss", "speed-up vs DDP", "speed-up vs Local Adam (same K)"], rows))
+        print()
+        for k in args.k:
+            d = summary["runs"].get(f"DES-LOC (K_x={k})", {})
+            la = summary["runs"].get(f"Local Adam (K={k})", {})
+            if d.get("reached"):
+                print(f"K_x={k}: DES-LOC reached the target {d['speedup_vs_ddp']:.2f}x faster than DDP (target >= 3x)"
+                      + (f" and {d['speedup_vs_local_adam']:.2f}x faster than Local Adam (target >= 1.5x)"
+                         if d.get("speedup_vs_local_adam") else
+                         (" ; Local Adam did not reach the target" if not la.get("reached") else "")))
+            else:
+                print(f"K_x={k}: DES-LOC did not reach the target within {local_steps} steps")
+        png = Path(args.png)
+        if not png.is_absolute():
+            png = REPO / png
+        plot(results, target, png, f"GPT example, {link_desc}")
+        dump(summary, out / "summary.json")
+        print(f"\nlogs: {args.out}/<run>/version_0/metrics.csv; plot: {args.png}")
+        return 0
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
