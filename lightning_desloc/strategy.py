@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import logging
-import pickle
-import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from datetime import timedelta
@@ -12,7 +10,6 @@ from typing import Any, Callable, Literal, Optional, Union
 
 import lightning.pytorch as pl
 import torch
-import torch.distributed as dist
 from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.fabric.utilities.distributed import _distributed_is_initialized
@@ -22,43 +19,25 @@ from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor
 from torch.optim import Optimizer
 
 from lightning_desloc import checkpoint as desloc_checkpoint
-from lightning_desloc.adaptive import AutoPeriods, DriftMonitor, optimizer_betas
-from lightning_desloc.averaging import DEFAULT_BUCKET_CAP_BYTES, average_, broadcast_
-from lightning_desloc.compression import Compression, CompressionPlan, parse_compression
-from lightning_desloc.groups import HierarchicalGroups, desloc_group
-from lightning_desloc.ledger import CommLedger
-from lightning_desloc.outer import OuterOptimizer
-from lightning_desloc.schedule import NEVER_AVERAGED_KEYS, StatePolicy, StateSyncEvery, SyncPlan, SyncSchedule
+from lightning_desloc.averaging import DEFAULT_BUCKET_CAP_BYTES, broadcast_
+from lightning_desloc.compression import Compression
+from lightning_desloc.schedule import StatePolicy, StateSyncEvery, SyncPlan
+from lightning_desloc.sync import (
+    CoreAttribute,
+    DeslocSync,
+    averaged_state_keys,
+    broadcast_object,
+)
+
+__all__ = ["DeslocStrategy", "averaged_state_keys"]
 
 log = logging.getLogger(__name__)
 
 ValidateOn = Literal["consensus", "local"]
-
-
-def averaged_state_keys(optimizer: Optimizer) -> set[str]:
-    """State keys of ``optimizer`` that DES-LOC averages: per-parameter floating tensors, not counters."""
-    keys: set[str] = set()
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            for key, value in optimizer.state.get(p, {}).items():
-                if _is_averaged(key, value, p):
-                    keys.add(key)
-    return keys
-
-
-def _is_averaged(key: str, value: Any, param: Tensor) -> bool:
-    if key in NEVER_AVERAGED_KEYS or not isinstance(value, Tensor) or not value.is_floating_point():
-        return False
-    return value.dim() > 0 or param.dim() == 0
-
-
-def _params(optimizer: Optimizer) -> list[Tensor]:
-    return [p for group in optimizer.param_groups for p in group["params"]]
 
 
 class _LedgerReturningLauncher(_MultiProcessingLauncher):
@@ -169,46 +148,41 @@ class DeslocStrategy(DDPStrategy):
             timeout=timeout,
             start_method=start_method,
         )
-        self.auto: Optional[AutoPeriods] = None
-        if param_sync_every == "auto":
-            if state_sync_every is not None:
-                raise ValueError("param_sync_every='auto' chooses the state periods too; leave state_sync_every=None")
-            self.auto = AutoPeriods(comm_budget=comm_budget)
-            param_sync_every = self.auto.warmup_steps  # the timed first average; the policy decides the rest
-        self.schedule = SyncSchedule(param_sync_every, state_sync_every, state_policy)
-        self.drift = DriftMonitor(max_drift, drift_check_every) if max_drift is not None else None
-        #: parameter averages the drift trigger added to the schedule
-        self.early_syncs = 0
-        wires = parse_compression(compression)
-        self.compression: Optional[CompressionPlan] = CompressionPlan(wires) if wires else None
-        if group_size is not None and (isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1):
-            raise ValueError(f"group_size must be a positive number of ranks per group, got {group_size!r}")
-        self.group_size = group_size
-        self.groups: Optional[HierarchicalGroups] = None
-        #: bytes of the gradient all-reduces inside groups (hierarchical mode)
-        self.group_ledger = CommLedger()
-        self.outer: Optional[OuterOptimizer] = None
-        if outer_lr is not None:
-            self.outer = OuterOptimizer(outer_lr, outer_momentum, outer_nesterov)
+        #: the framework-independent DES-LOC core: schedule, step counters, rounds, ledger
+        self.core = DeslocSync(
+            param_sync_every, state_sync_every, state_policy, compression, outer_lr, outer_momentum, outer_nesterov,
+            group_size, comm_budget, max_drift, drift_check_every, bucket_cap_mb,
+            buffers=self._float_buffers, log=self._log_metrics,
+        )
         if validate_on not in ("consensus", "local"):
             raise ValueError(f"validate_on must be 'consensus' or 'local', got {validate_on!r}")
-        if not bucket_cap_mb > 0:
-            raise ValueError(f"bucket_cap_mb must be a positive size in MiB, got {bucket_cap_mb!r}")
         self.validate_on: ValidateOn = validate_on
-        self.bucket_cap_bytes = int(bucket_cap_mb * 2**20)
         self.log_comm = log_comm
-        self.ledger = CommLedger()
-        #: completed optimizer steps, one counter per optimizer (index in ``self.optimizers``)
-        self.optimizer_steps: list[int] = []
-        self._step_calls: list[int] = []
-        self._hooks: list[Any] = []
-        self._state_keys: list[Optional[tuple[str, ...]]] = []
-        self._params_in_sync = True
         self._stashed_local: Optional[list[Tensor]] = None
         self._collective_category = "metrics"
         self.allow_consensus_fallback = allow_consensus_fallback
         #: how the last ``fit(ckpt_path=...)`` resumed: local or consensus path, and why (None: no resume)
         self.resume_decision: Optional[desloc_checkpoint.ResumeDecision] = None
+
+    # The state lives on the core; these keep ``strategy.<name>`` reading and assigning it.
+    #: the communication ledger of the DES-LOC rounds and the metered Lightning collectives
+    ledger = CoreAttribute()
+    #: the :class:`~lightning_desloc.schedule.SyncSchedule` in force (replaced once by ``"auto"``)
+    schedule = CoreAttribute()
+    #: completed optimizer steps, one counter per optimizer (index in ``self.optimizers``)
+    optimizer_steps = CoreAttribute()
+    #: bytes of the gradient all-reduces inside groups (hierarchical mode)
+    group_ledger = CoreAttribute()
+    groups = CoreAttribute()
+    group_size = CoreAttribute()
+    compression = CoreAttribute()
+    outer = CoreAttribute()
+    auto = CoreAttribute()
+    drift = CoreAttribute()
+    #: parameter averages the drift trigger added to the schedule
+    early_syncs = CoreAttribute()
+    bucket_cap_bytes = CoreAttribute()
+    _params_in_sync = CoreAttribute("params_in_sync")
 
     # ------------------------------------------------------------------ validation of the setup
     def _configure_launcher(self) -> None:
@@ -229,18 +203,17 @@ class DeslocStrategy(DDPStrategy):
         self.accelerator.setup(trainer)
         self.precision_plugin.convert_module(self.model)
         self.model_to_device()
-        if self.group_size is not None and self.groups is None:
-            self.groups = HierarchicalGroups.create(self.group_size, self.group_ledger)
+        self.core.setup_groups()
         # No DDP wrapper, so no gradient hooks; start every rank from rank 0's weights instead.
         broadcast_(self._module_tensors(), src=0, ledger=self.ledger, category="setup")
-        self._params_in_sync = True
+        self.core.params_in_sync = True
         fitting = trainer.state.fn == TrainerFn.FITTING
         if fitting:
             self.setup_optimizers(trainer)
         self.setup_precision_plugin()
         if fitting:
             _optimizers_to_device(self.optimizers, self.root_device)
-            self._attach_optimizers()
+            self.core.attach(self.optimizers)
 
     def _module_tensors(self) -> list[Tensor]:
         assert self.model is not None
@@ -250,32 +223,6 @@ class DeslocStrategy(DDPStrategy):
         assert self.model is not None
         return [b for b in self.model.buffers() if b.is_floating_point()]
 
-    def _attach_optimizers(self) -> None:
-        for handle in self._hooks:
-            handle.remove()
-        n = len(self.optimizers)
-        self._step_calls = [0] * n
-        if len(self.optimizer_steps) != n:
-            self.optimizer_steps = [0] * n
-        self._state_keys = [None] * n
-        self._hooks = [opt.register_step_post_hook(self._make_step_hook(i)) for i, opt in enumerate(self.optimizers)]
-        if (self.compression is not None or self.outer is not None) and n > 1:
-            raise ValueError("compression and outer_lr support one optimizer; turn them off for several optimizers")
-        if self.compression is not None:
-            self.compression.prime("params", _params(self.optimizers[0]))
-        if self.outer is not None:
-            self.outer.prime(_params(self.optimizers[0]))
-        if self.drift is not None:
-            if n > 1:
-                raise ValueError("max_drift supports one optimizer; set max_drift=None for several optimizers")
-            self.drift.remember(_params(self.optimizers[0]))
-
-    def _make_step_hook(self, index: int) -> Callable:
-        def hook(optimizer: Optimizer, args: Any, kwargs: Any) -> None:
-            self._step_calls[index] += 1
-
-        return hook
-
     # ------------------------------------------------------------------ the local phase and the sync
     def optimizer_step(
         self,
@@ -284,114 +231,28 @@ class DeslocStrategy(DDPStrategy):
         model: Optional[Union["pl.LightningModule", torch.nn.Module]] = None,
         **kwargs: Any,
     ) -> Any:
-        index = self._optimizer_index(optimizer)
-        calls_before = self._step_calls[index]
-        if self.groups is not None:
-            closure = self.groups.wrap_closure(closure, optimizer, self.bucket_cap_bytes)
+        index = self.core.index_of(optimizer)
+        if index is None:
+            raise RuntimeError(
+                "DeslocStrategy was asked to step an optimizer that configure_optimizers did not return; "
+                "every optimizer must come from configure_optimizers so that its steps can be scheduled."
+            )
+        self.core.begin_step(optimizer)
+        closure = self.core.wrap_closure(closure, optimizer)
         output = super().optimizer_step(optimizer, closure, model, **kwargs)
-        if self._step_calls[index] == calls_before:
-            return output  # skipped (e.g. AMP found inf gradients): not a step
-        self.optimizer_steps[index] += 1
-        step = self.optimizer_steps[index]
-        self.ledger.add_ddp_equivalent(self._gradient_bytes(optimizer))
-        keys = self._state_keys[index]
-        if keys is None:  # the optimizer's state exists from its first step on
-            keys = self._state_keys[index] = tuple(sorted(averaged_state_keys(optimizer)))
-            if self.auto is None:
-                self.schedule.check_keys(keys)
-        self._params_in_sync = False
-        if self.auto is not None and self.auto.chosen is None:
-            self._auto_warmup_step(optimizer, step, keys)
-            return output
-        plan = self.schedule.due(step, keys)
-        if self.drift is not None and not plan.params and self.drift.exceeded(
-            step, _params(optimizer), self.ledger, desloc_group(self.groups)
-        ):
-            plan = SyncPlan(step, True, plan.states, plan.reset_states)
-            self.early_syncs += 1
-        if not plan.empty:
-            self.sync(optimizer, plan, with_buffers=index == 0)
+        self.core.after_step(index, optimizer)  # counts the step unless it was skipped; runs what is due
         return output
 
-    def _auto_warmup_step(self, optimizer: Optimizer, step: int, keys: tuple[str, ...]) -> None:
-        """Local steps are timed until the warm-up ends with a timed parameter average; then the periods
-        are chosen and the schedule replaced."""
-        assert self.auto is not None
-        self.auto.stamp(time.perf_counter())
-        if step < self.auto.warmup_steps:
-            return
-        start = time.perf_counter()
-        self.sync(optimizer, SyncPlan(step, params=True))
-        k_x, periods = self.auto.decide(time.perf_counter() - start, optimizer_betas(optimizer, keys), self.ledger,
-                                        desloc_group(self.groups))
-        policy = self.schedule.state_policy
-        self.schedule = SyncSchedule(k_x, periods if policy == "average" else None, policy)
-        rank_zero_info(
-            f"DES-LOC auto periods: step {self.auto.measured['step_time_s'] * 1e3:.1f} ms, average "
-            f"{self.auto.measured['round_time_s'] * 1e3:.1f} ms, budget {self.auto.comm_budget:.0%} -> "
-            f"param_sync_every={k_x}, state_sync_every={periods}"
-        )
-        self._log_metrics({"comm/auto/param_sync_every": float(k_x),
-                           "comm/auto/step_time_s": self.auto.measured["step_time_s"],
-                           "comm/auto/round_time_s": self.auto.measured["round_time_s"],
-                           **{f"comm/auto/state_sync_every/{k}": float(v) for k, v in periods.items()}})
-
-    def _optimizer_index(self, optimizer: Optimizer) -> int:
-        for i, opt in enumerate(self.optimizers):
-            if opt is optimizer:
-                return i
-        raise RuntimeError(
-            "DeslocStrategy was asked to step an optimizer that configure_optimizers did not return; "
-            "every optimizer must come from configure_optimizers so that its steps can be scheduled."
-        )
-
-    @staticmethod
-    def _gradient_bytes(optimizer: Optimizer) -> int:
-        return sum(p.numel() * p.element_size() for p in _params(optimizer) if p.requires_grad)
-
     def sync(self, optimizer: Optimizer, plan: SyncPlan, with_buffers: bool = True) -> None:
-        """Average what ``plan`` says is due for ``optimizer``'s parameters and states, in one round."""
-        params = _params(optimizer)
-        due: dict[str, list[Tensor]] = {}
-        if plan.params:
-            due["params"] = params
-            if with_buffers and self._float_buffers():
-                due["buffers"] = self._float_buffers()
-        for key in plan.states:
-            due[f"state/{key}"] = [
-                optimizer.state[p][key]
-                for p in params
-                if p in optimizer.state and _is_averaged(key, optimizer.state[p].get(key), p)
-            ]
-        average_(due, self.ledger, group=desloc_group(self.groups), bucket_cap_bytes=self.bucket_cap_bytes,
-                 compression=self.compression)
-        if plan.params and self.outer is not None:
-            self.outer.step(params)
-            if self.compression is not None:  # int8 deltas are taken against the new global parameters
-                self.compression.prime("params", params)
-        if plan.reset_states:
-            for p in params:
-                for key, value in optimizer.state.get(p, {}).items():
-                    if _is_averaged(key, value, p):
-                        value.zero_()
-        if plan.params and self.drift is not None:
-            self.drift.remember(params)
-        if plan.params and len(self.optimizers) == 1:
-            self._params_in_sync = True
-        self._log_ledger()
+        """Average what ``plan`` says is due for ``optimizer``'s parameters and states, in one round
+        (:meth:`DeslocSync.sync <lightning_desloc.sync.DeslocSync.sync>`)."""
+        self.core.sync(optimizer, plan, with_buffers=with_buffers)
 
     def average_parameters(self, category: str = "params") -> None:
         """Average every parameter and floating buffer now; bytes go to ``category`` (buffers to
         ``"buffers"`` when ``category`` is ``"params"``)."""
         assert self.model is not None
-        tensors: dict[str, list[Tensor]] = {category: list(self.model.parameters())}
-        if self._float_buffers():
-            tensors.setdefault("buffers" if category == "params" else category, []).extend(self._float_buffers())
-        average_(tensors, self.ledger, group=desloc_group(self.groups), bucket_cap_bytes=self.bucket_cap_bytes)
-        self._params_in_sync = True
-
-    def _log_ledger(self) -> None:
-        self._log_metrics(self.ledger.as_dict())
+        self.core.average_parameters(self.model, category)
 
     def _log_metrics(self, metrics: dict[str, float]) -> None:
         trainer = self.lightning_module.trainer if self.lightning_module is not None else None
@@ -426,17 +287,12 @@ class DeslocStrategy(DDPStrategy):
 
     def on_train_end(self) -> None:
         # Leave every rank with the consensus, so the model the user saves or evaluates is the average.
-        if not self._params_in_sync:
-            self.average_parameters()
-            if self.outer is not None:
-                self.outer.step(_params(self.optimizers[0]))
-            self._log_ledger()
+        assert self.model is not None
+        self.core.reach_consensus(self.model)
         super().on_train_end()
 
     def teardown(self) -> None:
-        for handle in self._hooks:
-            handle.remove()
-        self._hooks = []
+        self.core.detach()
         super().teardown()
 
     # ------------------------------------------------------------------ metered Lightning collectives
@@ -471,15 +327,7 @@ class DeslocStrategy(DDPStrategy):
         if not _distributed_is_initialized() or self.world_size == 1:
             return obj
         # Our own pickled broadcast (size, then payload) so that the bytes are known exactly.
-        payload = pickle.dumps(obj) if self.global_rank == src else b""
-        size = torch.tensor([len(payload)], dtype=torch.int64)
-        dist.broadcast(size, src=src)
-        buf = torch.empty(int(size.item()), dtype=torch.uint8)
-        if self.global_rank == src:
-            buf.copy_(torch.frombuffer(bytearray(payload), dtype=torch.uint8))
-        dist.broadcast(buf, src=src)
-        self.ledger.record({"control": size.numel() * size.element_size() + buf.numel()})
-        return obj if self.global_rank == src else pickle.loads(buf.numpy().tobytes())
+        return broadcast_object(obj, src, self.ledger, "control")
 
     # ---- checkpointing: consensus main file + per-rank shards; the logic lives in checkpoint.py
     @property

@@ -256,8 +256,13 @@ def test_optimizer_state_without_a_period_fails_at_the_first_step():
     # Adafactor keeps factored second moments ('row_var', 'col_var', 'variance'): no default period
     trainer = quiet_trainer(strategy=DeslocStrategy(param_sync_every=4), devices=1, max_steps=2,
                             limit_val_batches=0)
-    with pytest.raises(ValueError, match=r"col_var.*row_var.*state_sync_every=\{"):
-        trainer.fit(Regression(optimizer="adafactor"))
+    try:
+        with pytest.raises(ValueError, match=r"col_var.*row_var.*state_sync_every=\{"):
+            trainer.fit(Regression(optimizer="adafactor"))
+    finally:
+        # devices=1 runs in this process: free the process group (and its port) for the next tests' workers
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 # --------------------------------------------------------------------------- ledger in the logger
