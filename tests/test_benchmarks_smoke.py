@@ -27,3 +27,93 @@ def test_checkpoint_bench_smoke(tmp_path):
     assert raw["save"]["save_full_files"]["n_shards"] == 2
     assert raw["local"]["resume_path"] == "local" and raw["consensus"]["resume_path"] == "consensus"
     assert raw["local"]["optimizer_steps"] == raw["consensus"]["optimizer_steps"] == [3]
+
+
+def _run_smoke(script: str, tmp_path, timeout: int = 240) -> str:
+    proc = subprocess.run(
+        [sys.executable, os.path.join(REPO, "benchmarks", script), "--smoke"],
+        cwd=str(tmp_path), capture_output=True, text=True, timeout=timeout,
+    )  # fmt: skip
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    return proc.stdout
+
+
+def test_sync_round_smoke(tmp_path):
+    # as root with `ip` and `tc`: a real (tiny) netns + veth + tbf link, torn down afterwards; else loopback
+    out = _run_smoke("sync_round.py", tmp_path)
+    assert "| round" in out and "| measured / expected" in out
+    assert "DES-LOC parameter round (a K_x step)" in out and "ratio DES-LOC parameter round / (bytes / bandwidth)" in out
+
+
+def test_time_to_loss_smoke(tmp_path):
+    out = _run_smoke("time_to_loss.py", tmp_path)
+    assert "| run" in out and "| speed-up vs DDP" in out
+    for label in ("| DDP", "| Local Adam (K=2)", "| DES-LOC (K_x=2)"):
+        assert label in out
+
+
+def test_workers_doubled_smoke(tmp_path):
+    out = _run_smoke("workers_doubled.py", tmp_path)
+    assert "| scheme" in out and "| resume path" in out
+    row = next(line for line in out.splitlines() if line.startswith("| DES-LOC"))
+    assert [c.strip() for c in row.strip("|").split("|")][1:3] == ["4", "consensus"]
+
+
+def _run_bench(tmp_path, script: str, *args: str, timeout: int = 240) -> str:
+    proc = subprocess.run(
+        [sys.executable, os.path.join(REPO, "benchmarks", script), "--smoke", *args],
+        cwd=str(tmp_path), capture_output=True, text=True, timeout=timeout,
+    )  # fmt: skip
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    return proc.stdout
+
+
+def _table_row(out: str, first_cell: str) -> list[str]:
+    line = next(ln for ln in out.splitlines() if ln.startswith("| ") and ln[2:].split("|")[0].strip() == first_cell)
+    return [c.strip() for c in line.strip().strip("|").split("|")]
+
+
+def test_bytes_smoke(tmp_path):
+    raw = tmp_path / "bytes.json"
+    out = _run_bench(tmp_path, "bytes.py", "--steps", "24", "--param-sync-every", "4", "--start-method", "fork",
+                     "--json", str(raw))
+    assert "| scheme" in out and "| x fewer than DDP" in out
+    data = json.loads(raw.read_text())
+    s, p = data["schemes"], data["param_bytes"]
+    assert data["ddp_bytes"] == 24 * p  # one gradient per step, counted by the wrapped all_reduce
+    # 24 steps at K_x = 4: 6 parameter averages; DES-LOC's states every 12 and 24 steps
+    assert s["Local Adam"]["sync_bytes"] == 3 * 6 * p
+    assert s["keep-local"]["sync_bytes"] == s["reset"]["sync_bytes"] == 6 * p
+    assert s["DES-LOC"]["sync_bytes"] == (6 + 2 + 1) * p
+    assert s["DES-LOC bf16"]["sync_bytes"] == (6 + 2 + 1) * p // 2
+    assert s["DES-LOC"]["ratio_vs_local_adam"] == 2.0
+    assert all(v["wrapper_agrees"] for v in s.values())
+    assert _table_row(out, "DES-LOC")[-1] == "yes"
+
+
+def test_overhead_smoke(tmp_path):
+    out = _run_bench(tmp_path, "overhead.py", "--start-method", "fork")
+    assert "| run" in out and "| ratio baseline/DES-LOC" in out
+    for kind in ("plain x1", "plain x2", "DES-LOC"):
+        assert float(_table_row(out, kind)[1]) > 0
+    assert "target >= 0.97" in out
+
+
+def test_rosenbrock_smoke(tmp_path):
+    out = _run_bench(tmp_path, "rosenbrock.py", "--steps", "24", "--no-plot")
+    assert "| scheme" in out and "| final f" in out
+    # 24 steps, K_x = K_u = 4, K_v = 12, float64 (x1, x2) per worker: 16 bytes per average
+    assert _table_row(out, "DES-LOC")[5:9] == ["96", "96", "32", "224"]
+    assert _table_row(out, "Local Adam")[5:9] == ["96", "96", "96", "288"]
+
+
+def test_quality_smoke(tmp_path):
+    out = _run_bench(tmp_path, "quality.py", "--schemes", "DDP", "DES-LOC", "DES-LOC bf16", "--seeds", "1",
+                     "--out-dir", str(tmp_path / "runs"), timeout=300)
+    assert "| scheme" in out and "| final val loss" in out
+    ddp, des, bf16 = (_table_row(out, s) for s in ("DDP", "DES-LOC", "DES-LOC bf16"))
+    assert des[1] == "2" and float(des[2].split()[0]) > 0
+    # 8 steps at K_x = 2: bf16 halves every average
+    assert float(bf16[7].split()[0]) == float(des[7].split()[0]) / 2 or abs(
+        float(bf16[7].split()[0]) - float(des[7].split()[0]) / 2) <= 0.01
+    assert ddp[8] == ""  # DDP is the reference
