@@ -1,0 +1,114 @@
+"""Small helpers shared by the benchmark scripts: markdown tables and a collective-call counter.
+
+The counter replaces ``torch.distributed.all_reduce`` (and ``broadcast``/``all_gather``) inside a
+worker process by a wrapper that adds up the payload bytes of every call, keyed by the module that
+called it. It is an independent count: it knows nothing about the strategy's ledger.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A GitHub markdown table; numbers are expected already formatted as strings."""
+    cells = [[str(h) for h in headers]] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+
+    def line(row: Sequence[str]) -> str:
+        return "| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |"
+
+    out = [line(cells[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+    out += [line(r) for r in cells[1:]]
+    return "\n".join(out)
+
+
+def parse_markdown_table(text: str, first_header: str) -> list[dict[str, str]]:
+    """Rows of the first markdown table in ``text`` whose first header cell is ``first_header``."""
+    lines = text.splitlines()
+    for i, ln in enumerate(lines):
+        cells = [c.strip() for c in ln.strip().strip("|").split("|")]
+        if ln.lstrip().startswith("|") and cells and cells[0] == first_header:
+            headers = cells
+            rows = []
+            for body in lines[i + 2 :]:
+                if not body.lstrip().startswith("|"):
+                    break
+                values = [c.strip() for c in body.strip().strip("|").split("|")]
+                rows.append(dict(zip(headers, values)))
+            return rows
+    raise ValueError(f"no table starting with column {first_header!r}")
+
+
+def _nbytes(obj: Any) -> int:
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, (list, tuple)):
+        return sum(_nbytes(o) for o in obj)
+    return 0
+
+
+class CollectiveCounter:
+    """Counts payload bytes handed to torch.distributed collectives in this process, by caller module.
+
+    ``counts[(op, caller)] = [calls, bytes]``. For ``all_gather`` the payload is the local input tensor
+    (the same convention as the ledger).
+    """
+
+    OPS = ("all_reduce", "broadcast", "all_gather")
+
+    def __init__(self) -> None:
+        self.counts: dict[tuple[str, str], list[int]] = {}
+        self._originals: dict[str, Any] = {}
+
+    def install(self) -> None:
+        if self._originals:
+            return
+        for op in self.OPS:
+            original = getattr(dist, op)
+            self._originals[op] = original
+            setattr(dist, op, self._wrap(op, original))
+
+    def uninstall(self) -> None:
+        for op, original in self._originals.items():
+            setattr(dist, op, original)
+        self._originals = {}
+
+    def _wrap(self, op: str, original: Any) -> Any:
+        counts = self.counts
+
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            caller = sys._getframe(1).f_globals.get("__name__", "?")
+            payload = args[1] if op == "all_gather" and len(args) > 1 else (args[0] if args else None)
+            if payload is None:
+                payload = kwargs.get("tensor")
+            entry = counts.setdefault((op, caller), [0, 0])
+            entry[0] += 1
+            entry[1] += _nbytes(payload)
+            return original(*args, **kwargs)
+
+        wrapper.__wrapped__ = original  # type: ignore[attr-defined]
+        return wrapper
+
+    def bytes_where(self, op: str | None = None, caller_prefix: str = "") -> int:
+        return sum(b for (o, c), (_, b) in self.counts.items() if (op is None or o == op) and c.startswith(caller_prefix))
+
+    def as_json(self) -> list[dict[str, Any]]:
+        return [{"op": o, "caller": c, "calls": n, "bytes": b} for (o, c), (n, b) in sorted(self.counts.items())]
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    Path(path).write_text(json.dumps(obj, indent=1, sort_keys=True))
+
+
+def fmt_int(n: float) -> str:
+    return f"{int(n):,}"
