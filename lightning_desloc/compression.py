@@ -54,7 +54,8 @@ class Bf16Codec:
         return flat.to(torch.bfloat16).view(torch.uint8)
 
     def decode(self, payload: Tensor, numel: int) -> Tensor:
-        return payload.view(torch.bfloat16).float()
+        # clone: a slice of a shared buffer may start at an odd byte, and view() needs alignment
+        return payload.clone().view(torch.bfloat16).float()
 
 
 @dataclass
@@ -80,7 +81,8 @@ class Int8Codec:
     def decode(self, payload: Tensor, numel: int) -> Tensor:
         n_chunks = math.ceil(numel / self.chunk)
         q = payload[:numel].view(torch.int8).float()
-        scale = payload[numel : numel + 4 * n_chunks].view(torch.float32)
+        # clone: the scales start at byte `numel`, rarely a multiple of 4, and view() needs alignment
+        scale = payload[numel : numel + 4 * n_chunks].clone().view(torch.float32)
         q = torch.nn.functional.pad(q, (0, n_chunks * self.chunk - numel)).view(n_chunks, self.chunk)
         if self.non_negative:
             q = q.clamp(min=0.5)  # never zero: a second moment of 0 would divide by eps

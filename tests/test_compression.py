@@ -33,6 +33,16 @@ def test_int8_codec_matches_hand_quantisation_and_byte_count():
     torch.testing.assert_close(codec.decode(payload, 1000), int8_by_hand(x, 64), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("numel", [1, 7, 1001])
+def test_codecs_decode_odd_sizes_and_unaligned_slices(numel):
+    # A payload for an odd-sized tensor puts the int8 scales at an unaligned byte, and a payload
+    # cut from a shared buffer may itself start at an odd byte.
+    x = torch.randn(numel, generator=torch.Generator().manual_seed(numel))
+    for codec, expected in [(Int8Codec(chunk=64), int8_by_hand(x, 64)), (Bf16Codec(), x.to(torch.bfloat16).float())]:
+        buffer = torch.cat([torch.zeros(3, dtype=torch.uint8), codec.encode(x)])
+        torch.testing.assert_close(codec.decode(buffer[3:], numel), expected, rtol=1e-6, atol=1e-6)
+
+
 def test_second_moments_are_coded_by_square_root_and_never_decode_to_zero():
     v = torch.tensor([4.0, 1e-12, 0.0, 1.0])
     codec = Int8Codec(chunk=4, non_negative=True)
