@@ -46,6 +46,7 @@ from lightning.fabric.accelerators import Accelerator
 from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment, Precision
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.fabric.strategies import DDPStrategy
+from lightning.fabric.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 from lightning.fabric.strategies.strategy import _BackwardSyncControl
 from lightning.fabric.utilities.distributed import _distributed_is_initialized
 from torch import Tensor
@@ -65,6 +66,16 @@ class _NoGradientSync(_BackwardSyncControl):
 
     def no_backward_sync(self, module: Module, enabled: bool) -> AbstractContextManager:
         return nullcontext()
+
+
+class _ClosingLauncher(_MultiProcessingLauncher):
+    """Spawn/fork launcher that closes gloo in each worker before it exits (see the Lightning strategy)."""
+
+    def _wrapping_function(self, *args: Any, **kwargs: Any) -> None:
+        super()._wrapping_function(*args, **kwargs)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
 
 
 class DeslocFabricStrategy(DDPStrategy):
@@ -206,6 +217,11 @@ class DeslocFabricStrategy(DDPStrategy):
         ``outer_lr`` is set); nothing is sent when the last step already averaged the parameters.
         Returns whether a round ran."""
         return self.core.reach_consensus(self._modules(module))
+
+    def _configure_launcher(self) -> None:
+        super()._configure_launcher()
+        if self._start_method != "popen":
+            self._launcher = _ClosingLauncher(self, start_method=self._start_method)
 
     def teardown(self) -> None:
         self.core.detach()

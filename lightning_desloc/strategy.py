@@ -51,6 +51,15 @@ class _LedgerReturningLauncher(_MultiProcessingLauncher):
         extra["desloc"]["group_ledger"] = strategy.group_ledger.state_dict()
         return extra
 
+    def _wrapping_function(self, *args: Any, **kwargs: Any) -> None:
+        super()._wrapping_function(*args, **kwargs)
+        # The worker process exits right after this. Closing gloo here, with every rank past a barrier,
+        # avoids gloo's background threads aborting the interpreter at exit ("terminate called
+        # without an active exception"). A new fit in the main process spawns new workers and a new group.
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
+
     def update_main_process_results(self, trainer: "pl.Trainer", extra: dict[str, Any]) -> None:
         super().update_main_process_results(trainer, extra)
         strategy = trainer.strategy
