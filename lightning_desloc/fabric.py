@@ -36,8 +36,8 @@ Floating buffers of every set-up module are averaged with the parameters of the 
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
 from datetime import timedelta
 from typing import Any, Literal, Optional, Union
 
@@ -48,7 +48,6 @@ from lightning.fabric.plugins.collectives.torch_collective import default_pg_tim
 from lightning.fabric.strategies import DDPStrategy
 from lightning.fabric.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 from lightning.fabric.strategies.strategy import _BackwardSyncControl
-from lightning.fabric.utilities.distributed import _distributed_is_initialized
 from torch import Tensor
 from torch.nn import Module
 from torch.optim import Optimizer
@@ -56,7 +55,7 @@ from torch.optim import Optimizer
 from lightning_desloc.averaging import DEFAULT_BUCKET_CAP_BYTES, broadcast_
 from lightning_desloc.compression import Compression
 from lightning_desloc.schedule import StatePolicy, StateSyncEvery, SyncPlan
-from lightning_desloc.sync import CoreAttribute, DeslocSync, broadcast_object, float_buffers
+from lightning_desloc.sync import CoreAttribute, DeslocSync, MeteredCollectives, close_process_group, float_buffers
 
 __all__ = ["DeslocFabricStrategy"]
 
@@ -73,12 +72,10 @@ class _ClosingLauncher(_MultiProcessingLauncher):
 
     def _wrapping_function(self, *args: Any, **kwargs: Any) -> None:
         super()._wrapping_function(*args, **kwargs)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.barrier()
-            torch.distributed.destroy_process_group()
+        close_process_group()
 
 
-class DeslocFabricStrategy(DDPStrategy):
+class DeslocFabricStrategy(MeteredCollectives, DDPStrategy):
     """DES-LOC for Fabric: local optimizer steps; parameters and each optimizer state averaged on its period.
 
     Counting completed steps ``s = 1, 2, ...`` of each optimizer, right after local step ``s`` the
@@ -150,7 +147,6 @@ class DeslocFabricStrategy(DDPStrategy):
         self._backward_sync_control = _NoGradientSync()
         self._desloc_modules: list[Module] = []
         self._desloc_optimizers: list[Optimizer] = []
-        self._collective_category = "metrics"
 
     #: bytes per category of every collective this strategy issued, and DDP's bytes for the same steps
     ledger = CoreAttribute()
@@ -228,40 +224,9 @@ class DeslocFabricStrategy(DDPStrategy):
         super().teardown()
 
     # ------------------------------------------------------------------ metered Fabric collectives
-    def _distributed(self) -> bool:
-        return _distributed_is_initialized() and self.world_size > 1
-
-    @contextmanager
-    def _metered_as(self, category: str) -> Iterator[None]:
-        previous, self._collective_category = self._collective_category, category
-        try:
-            yield
-        finally:
-            self._collective_category = previous
-
     def all_reduce(self, tensor: Any, group: Optional[Any] = None, reduce_op: Optional[Any] = "mean") -> Any:
-        if isinstance(tensor, Tensor) and self._distributed():
-            self.ledger.record({self._collective_category: tensor.numel() * tensor.element_size()})
+        self._meter(tensor)
         return super().all_reduce(tensor, group=group, reduce_op=reduce_op)
-
-    def all_gather(self, tensor: Tensor, group: Optional[Any] = None, sync_grads: bool = False) -> Tensor:
-        if isinstance(tensor, Tensor) and self._distributed():
-            self.ledger.record({self._collective_category: tensor.numel() * tensor.element_size()})
-        return super().all_gather(tensor, group=group, sync_grads=sync_grads)
-
-    def reduce_boolean_decision(self, decision: bool, all: bool = True) -> bool:
-        with self._metered_as("control"):
-            return super().reduce_boolean_decision(decision, all=all)
-
-    def barrier(self, *args: Any, **kwargs: Any) -> None:
-        if self._distributed():
-            self.ledger.record({"control": 0})
-        super().barrier(*args, **kwargs)
-
-    def broadcast(self, obj: Any, src: int = 0) -> Any:
-        if not self._distributed():
-            return obj
-        return broadcast_object(obj, src, self.ledger, "control")
 
     # ------------------------------------------------------------------ registration
     @classmethod

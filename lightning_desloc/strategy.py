@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from datetime import timedelta
 from typing import Any, Callable, Literal, Optional, Union
 
@@ -12,7 +11,6 @@ import lightning.pytorch as pl
 import torch
 from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
-from lightning.fabric.utilities.distributed import _distributed_is_initialized
 from lightning.fabric.utilities.optimizer import _optimizers_to_device
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.precision import Precision
@@ -26,12 +24,7 @@ from lightning_desloc import checkpoint as desloc_checkpoint
 from lightning_desloc.averaging import DEFAULT_BUCKET_CAP_BYTES, broadcast_
 from lightning_desloc.compression import Compression
 from lightning_desloc.schedule import StatePolicy, StateSyncEvery, SyncPlan
-from lightning_desloc.sync import (
-    CoreAttribute,
-    DeslocSync,
-    averaged_state_keys,
-    broadcast_object,
-)
+from lightning_desloc.sync import CoreAttribute, DeslocSync, MeteredCollectives, averaged_state_keys, close_process_group
 
 __all__ = ["DeslocStrategy", "averaged_state_keys"]
 
@@ -53,12 +46,7 @@ class _LedgerReturningLauncher(_MultiProcessingLauncher):
 
     def _wrapping_function(self, *args: Any, **kwargs: Any) -> None:
         super()._wrapping_function(*args, **kwargs)
-        # The worker process exits right after this. Closing gloo here, with every rank past a barrier,
-        # avoids gloo's background threads aborting the interpreter at exit ("terminate called
-        # without an active exception"). A new fit in the main process spawns new workers and a new group.
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.barrier()
-            torch.distributed.destroy_process_group()
+        close_process_group()  # the worker exits next; a new fit spawns new workers and a new group
 
     def update_main_process_results(self, trainer: "pl.Trainer", extra: dict[str, Any]) -> None:
         super().update_main_process_results(trainer, extra)
@@ -69,7 +57,7 @@ class _LedgerReturningLauncher(_MultiProcessingLauncher):
         strategy.group_ledger.load_state_dict(extra["desloc"]["group_ledger"])
 
 
-class DeslocStrategy(DDPStrategy):
+class DeslocStrategy(MeteredCollectives, DDPStrategy):
     """DES-LOC: local optimizer steps, parameters and each optimizer state averaged on its own period.
 
     No gradient is ever all-reduced. Counting completed optimizer steps ``s = 1, 2, ...`` (gradient
@@ -168,7 +156,6 @@ class DeslocStrategy(DDPStrategy):
         self.validate_on: ValidateOn = validate_on
         self.log_comm = log_comm
         self._stashed_local: Optional[list[Tensor]] = None
-        self._collective_category = "metrics"
         self.allow_consensus_fallback = allow_consensus_fallback
         #: how the last ``fit(ckpt_path=...)`` resumed: local or consensus path, and why (None: no resume)
         self.resume_decision: Optional[desloc_checkpoint.ResumeDecision] = None
@@ -305,38 +292,9 @@ class DeslocStrategy(DDPStrategy):
         super().teardown()
 
     # ------------------------------------------------------------------ metered Lightning collectives
-    @contextmanager
-    def _metered_as(self, category: str) -> Iterator[None]:
-        previous, self._collective_category = self._collective_category, category
-        try:
-            yield
-        finally:
-            self._collective_category = previous
-
     def reduce(self, tensor: Any, group: Optional[Any] = None, reduce_op: Optional[Any] = "mean") -> Any:
-        if isinstance(tensor, Tensor) and _distributed_is_initialized() and self.world_size > 1:
-            self.ledger.record({self._collective_category: tensor.numel() * tensor.element_size()})
+        self._meter(tensor)
         return super().reduce(tensor, group=group, reduce_op=reduce_op)
-
-    def all_gather(self, tensor: Tensor, group: Optional[Any] = None, sync_grads: bool = False) -> Tensor:
-        if _distributed_is_initialized() and self.world_size > 1:
-            self.ledger.record({self._collective_category: tensor.numel() * tensor.element_size()})
-        return super().all_gather(tensor, group=group, sync_grads=sync_grads)
-
-    def reduce_boolean_decision(self, decision: bool, all: bool = True) -> bool:
-        with self._metered_as("control"):
-            return super().reduce_boolean_decision(decision, all=all)
-
-    def barrier(self, *args: Any, **kwargs: Any) -> None:
-        if _distributed_is_initialized() and self.world_size > 1:
-            self.ledger.record({"control": 0})
-        super().barrier(*args, **kwargs)
-
-    def broadcast(self, obj: Any, src: int = 0) -> Any:
-        if not _distributed_is_initialized() or self.world_size == 1:
-            return obj
-        # Our own pickled broadcast (size, then payload) so that the bytes are known exactly.
-        return broadcast_object(obj, src, self.ledger, "control")
 
     # ---- checkpointing: consensus main file + per-rank shards; the logic lives in checkpoint.py
     @property

@@ -43,7 +43,8 @@ from __future__ import annotations
 
 import pickle
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any, Callable, Literal, Optional, Union
 
 import torch
@@ -132,6 +133,60 @@ def broadcast_object(obj: Any, src: int, ledger: CommLedger, category: str = "co
     dist.broadcast(buf, src=src, group=group)
     ledger.record({category: size.numel() * size.element_size() + buf.numel()})
     return obj if rank == src else pickle.loads(buf.numpy().tobytes())
+
+
+class MeteredCollectives:
+    """Mixin for a Lightning or Fabric strategy with a ``ledger``: every collective Lightning or the user
+    asks the strategy for is recorded. Gathers and reductions count under the current category
+    (``metrics`` unless :meth:`_metered_as` says otherwise), barriers, broadcasts and boolean decisions
+    under ``control``. Put it before the strategy's base class."""
+
+    ledger: CommLedger
+    world_size: int
+    _collective_category = "metrics"
+
+    def _distributed(self) -> bool:
+        return dist.is_available() and dist.is_initialized() and self.world_size > 1
+
+    def _meter(self, tensor: Any) -> None:
+        if isinstance(tensor, Tensor) and self._distributed():
+            self.ledger.record({self._collective_category: tensor.numel() * tensor.element_size()})
+
+    @contextmanager
+    def _metered_as(self, category: str) -> Iterator[None]:
+        previous, self._collective_category = self._collective_category, category
+        try:
+            yield
+        finally:
+            self._collective_category = previous
+
+    def all_gather(self, tensor: Tensor, group: Optional[Any] = None, sync_grads: bool = False) -> Tensor:
+        self._meter(tensor)
+        return super().all_gather(tensor, group=group, sync_grads=sync_grads)  # type: ignore[misc]
+
+    def reduce_boolean_decision(self, decision: bool, all: bool = True) -> bool:
+        with self._metered_as("control"):
+            return super().reduce_boolean_decision(decision, all=all)  # type: ignore[misc]
+
+    def barrier(self, *args: Any, **kwargs: Any) -> None:
+        if self._distributed():
+            self.ledger.record({"control": 0})
+        super().barrier(*args, **kwargs)  # type: ignore[misc]
+
+    def broadcast(self, obj: Any, src: int = 0) -> Any:
+        if not self._distributed():
+            return obj
+        # Our own pickled broadcast (size, then payload) so that the bytes are known exactly.
+        return broadcast_object(obj, src, self.ledger, "control")
+
+
+def close_process_group() -> None:
+    """End of a spawned/forked worker: wait for every rank, then close gloo. Without it gloo's
+    background threads can abort the interpreter at exit ("terminate called without an active
+    exception")."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 class CoreAttribute:

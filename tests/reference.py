@@ -253,3 +253,17 @@ def consensus(snapshots: list[dict]) -> list[Tensor]:
 
 def optimizer_steps(cfg: Config, n_calls: int) -> int:
     return n_calls - sum(1 for c in cfg.skip_calls if c < n_calls)
+
+
+#: float64 runs of the strategy and of this simulation agree to rounding
+SNAPSHOT_TOL = dict(rtol=1e-10, atol=1e-12)
+
+
+def assert_snapshot_matches(got: dict, want: dict, where: str) -> None:
+    """Compare one rank's snapshot (params, averaged state, Adam's step) with the simulation's."""
+    torch.testing.assert_close(got["params"], want["params"], **SNAPSHOT_TOL, msg=lambda m: f"{where}, params: {m}")
+    assert set(got["state"]) == set(want["state"]), where
+    for key in want["state"]:
+        torch.testing.assert_close(got["state"][key], want["state"][key], **SNAPSHOT_TOL, msg=lambda m: f"{where}, {key}: {m}")
+    if want["state"] and "exp_avg" in want["state"]:
+        assert got["step"] == want["step"], f"{where}: Adam's step counter {got['step']} != {want['step']}"

@@ -23,7 +23,6 @@ import reference as ref
 from lightning_desloc import DeslocStrategy
 
 WORLD = 2
-TOL = dict(rtol=1e-10, atol=1e-12)
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # Lightning's num_workers and similar hints
 
@@ -192,15 +191,6 @@ def run_fit(tmp_path, cfg: ref.Config, n_calls: int, state_sync_every, manual: b
     return strategy, [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
 
 
-def assert_snapshot_matches(got: dict, want: dict, where: str) -> None:
-    torch.testing.assert_close(got["params"], want["params"], **TOL, msg=lambda m: f"{where}, params: {m}")
-    assert set(got["state"]) == set(want["state"]), where
-    for key in want["state"]:
-        torch.testing.assert_close(got["state"][key], want["state"][key], **TOL, msg=lambda m: f"{where}, {key}: {m}")
-    if want["state"] and "exp_avg" in want["state"]:
-        assert got["step"] == want["step"], f"{where}: Adam's step counter {got['step']} != {want['step']}"
-
-
 @pytest.mark.parametrize("name", list(CASES))
 def test_every_step_matches_the_reference(tmp_path, name):
     cfg, n_calls, state_sync_every, manual = CASES[name]
@@ -218,7 +208,7 @@ def test_every_step_matches_the_reference(tmp_path, name):
         assert len(ranks[r]["history"]) == n_calls + 1, f"rank {r}: one record per optimizer step expected"
         for call, (got, want) in enumerate(zip(ranks[r]["history"], history)):
             assert got["global_step"] == call
-            assert_snapshot_matches(got, want[r], f"{name}: rank {r} after optimizer-step call {call}")
+            ref.assert_snapshot_matches(got, want[r], f"{name}: rank {r} after optimizer-step call {call}")
     assert strategy.optimizer_steps == [n_steps]  # rank 0's counters reach the main process
 
     # not vacuous: rank-dependent data drives the ranks apart between averages
@@ -227,7 +217,7 @@ def test_every_step_matches_the_reference(tmp_path, name):
     # after fit every rank holds the consensus: the mean of the last local parameters
     expected_final = ref.consensus(history[-1])
     for r in range(WORLD):
-        torch.testing.assert_close(ranks[r]["final"], expected_final, **TOL)
+        torch.testing.assert_close(ranks[r]["final"], expected_final, **ref.SNAPSHOT_TOL)
     last_was_sync = n_steps % cfg.param_sync_every == 0
     if not last_was_sync:
         assert not torch.allclose(ranks[0]["history"][-1]["params"][0], expected_final[0])

@@ -26,7 +26,6 @@ import reference as ref
 from lightning_desloc import DeslocFabricStrategy
 
 WORLD = 2
-TOL = dict(rtol=1e-10, atol=1e-12)
 BROADCAST_OBJ = {"run": "fabric", "payload": list(range(5))}
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -174,15 +173,6 @@ def run(tmp_path, cfg: ref.Config, n_calls: int, spec) -> list[dict]:
     return [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
 
 
-def assert_snapshot_matches(got: dict, want: dict, where: str) -> None:
-    torch.testing.assert_close(got["params"], want["params"], **TOL, msg=lambda m: f"{where}, params: {m}")
-    assert set(got["state"]) == set(want["state"]), where
-    for key in want["state"]:
-        torch.testing.assert_close(got["state"][key], want["state"][key], **TOL, msg=lambda m: f"{where}, {key}: {m}")
-    if want["state"] and "exp_avg" in want["state"]:
-        assert got["step"] == want["step"], f"{where}: Adam's step counter {got['step']} != {want['step']}"
-
-
 @pytest.mark.parametrize("name", list(CASES))
 def test_fabric_matches_the_reference_and_the_schedule_bytes(tmp_path, name):
     cfg, n_calls, spec = CASES[name]
@@ -201,15 +191,15 @@ def test_fabric_matches_the_reference_and_the_schedule_bytes(tmp_path, name):
         assert ranks[r]["optimizer_steps"] == [n_steps]
         assert len(ranks[r]["history"]) == n_calls + 1
         for call, (got, want) in enumerate(zip(ranks[r]["history"], history)):
-            assert_snapshot_matches(got, want[r], f"{name}: rank {r} after optimizer-step call {call}")
+            ref.assert_snapshot_matches(got, want[r], f"{name}: rank {r} after optimizer-step call {call}")
     assert not torch.allclose(ranks[0]["history"][1]["params"][0], ranks[1]["history"][1]["params"][0])
 
     # reach_consensus: the mean of the last local parameters, a round only when the last step did not sync
     last_was_sync = n_steps % cfg.param_sync_every == 0
     expected_final = ref.consensus(history[-1])
     for r in range(WORLD):
-        torch.testing.assert_close(ranks[r]["last_local"], history[-1][r]["params"], **TOL)
-        torch.testing.assert_close(ranks[r]["final"], expected_final, **TOL)
+        torch.testing.assert_close(ranks[r]["last_local"], history[-1][r]["params"], **ref.SNAPSHOT_TOL)
+        torch.testing.assert_close(ranks[r]["final"], expected_final, **ref.SNAPSHOT_TOL)
         assert ranks[r]["ran_final_round"] == (not last_was_sync)
         assert ranks[r]["collectives"] == (1.0, True, BROADCAST_OBJ)
 
