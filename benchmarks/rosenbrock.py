@@ -66,9 +66,9 @@ def schedule_for(scheme: str, k_x: int, k_u: int, k_v: int) -> SyncSchedule | No
 
 
 def run(scheme: str, steps: int, lr: float, workers: int, sigma: float, seed: int, x0: tuple[float, float],
-        k_x: int, k_u: int, k_v: int) -> dict:
+        k_x: int, k_u: int, k_v: int, betas: tuple[float, float] = (0.9, 0.999)) -> dict:
     x = torch.nn.Parameter(torch.tensor(x0, dtype=torch.float64).repeat(workers, 1))
-    opt = torch.optim.Adam([x], lr=lr, betas=(0.9, 0.999))
+    opt = torch.optim.Adam([x], lr=lr, betas=betas)
     schedule = schedule_for(scheme, k_x, k_u, k_v)
     ledger = CommLedger()
     gen = torch.Generator().manual_seed(seed)  # the same noise sequence for every scheme
@@ -118,6 +118,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--lr", type=float, default=0.01)
     parser.add_argument("--workers", type=int, default=256)
     parser.add_argument("--sigma", type=float, default=1.5)
+    parser.add_argument("--beta1", type=float, default=0.9, help="Adam beta1 (the notes do not give it)")
+    parser.add_argument("--beta2", type=float, default=0.999)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--x0", type=float, nargs=2, default=(-1.5, 2.0))
     parser.add_argument("--k-x", type=int, default=192)
@@ -134,7 +136,7 @@ def main(argv=None) -> dict:
 
     t0 = time.perf_counter()
     results = {s: run(s, args.steps, args.lr, args.workers, args.sigma, args.seed, tuple(args.x0),
-                      args.k_x, args.k_u, args.k_v) for s in SCHEMES}
+                      args.k_x, args.k_u, args.k_v, (args.beta1, args.beta2)) for s in SCHEMES}
     seconds = time.perf_counter() - t0
 
     rows = []
@@ -148,7 +150,7 @@ def main(argv=None) -> dict:
             fmt_int(b.get("params", b.get("gradients", 0))), fmt_int(b.get("state/exp_avg", 0)),
             fmt_int(b.get("state/exp_avg_sq", 0)), fmt_int(r["total_bytes"]),
         ])
-    print(f"Rosenbrock, M={args.workers} workers, sigma={args.sigma}, Adam lr={args.lr} betas=(0.9, 0.999), "
+    print(f"Rosenbrock, M={args.workers} workers, sigma={args.sigma}, Adam lr={args.lr} betas=({args.beta1}, {args.beta2}), "
           f"x0={tuple(args.x0)}, {args.steps} steps; K_x={args.k_x}, DES-LOC K_u={args.k_u} K_v={args.k_v}; "
           f"f at the workers' mean point; tail = last {window} steps; bytes per worker (float64)")
     print(markdown_table(
@@ -188,7 +190,8 @@ def plot(results: dict, args) -> None:
     ax.set_yscale("log")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("f(mean of workers' x)")
-    ax.set_title(f"Rosenbrock, M={args.workers}, noise sigma={args.sigma}, Adam lr={args.lr}; "
+    ax.set_title(f"Rosenbrock, M={args.workers}, noise sigma={args.sigma}, Adam lr={args.lr} "
+                 f"betas=({args.beta1}, {args.beta2}); "
                  f"K_x={args.k_x}, DES-LOC K_u={args.k_u}, K_v={args.k_v}", fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
