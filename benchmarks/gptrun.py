@@ -35,7 +35,7 @@ def ensure_data(data_dir: str | Path, max_bytes: int, block_size: int = 128, val
                    check=True, cwd=REPO, stdout=subprocess.DEVNULL)
 
 
-def gpt_argv(config: str, *, save_dir: str | Path, name: str, k: Optional[int] = None, extra: tuple[str, ...] = (),
+def gpt_argv(config: str, *, save_dir: str | Path, name: str, k: Optional[int | str] = None, extra: tuple[str, ...] = (),
              ckpt_path: Optional[str] = None) -> list[str]:
     """``python examples/gpt/train.py fit --config configs/gpt-tiny-CONFIG.yaml`` with a CSV logger at
     ``save_dir/name/version_0`` and, for the DES-LOC configs, ``K`` (Local Adam: ``K`` for all states
@@ -58,7 +58,16 @@ class Metrics:
     val: list[tuple[int, float, Optional[float], Optional[float]]] = field(default_factory=list)
     #: (step, train_loss)
     train: list[tuple[int, float]] = field(default_factory=list)
+    #: (step, comm/bytes_total): the strategy's ledger, logged at every sync round (empty for DDP)
+    sent: list[tuple[int, float]] = field(default_factory=list)
     last: dict[str, float] = field(default_factory=dict)
+
+    def bytes_at(self, step: int) -> Optional[float]:
+        """Bytes one rank sent up to ``step``: the ledger's total, or for DDP one gradient per step."""
+        if self.sent:
+            return max((b for s, b in self.sent if s <= step), default=0.0)
+        grad = self.last.get("model/grad_bytes_per_step")
+        return grad * step if grad is not None else None
 
 
 def read_metrics(run_dir: str | Path) -> Metrics:
@@ -82,6 +91,8 @@ def read_metrics(run_dir: str | Path) -> Metrics:
                         pass
             if row.get("train/loss"):
                 out.train.append((step, float(row["train/loss"])))
+            if row.get("comm/bytes_total"):
+                out.sent.append((step, float(row["comm/bytes_total"])))
             if row.get("val/loss"):
                 if pending is not None:
                     out.val.append((pending[0], pending[1], None, None))

@@ -175,12 +175,14 @@ def main(argv=None) -> dict:
     parser.add_argument("--lock", default=os.environ.get("DESLOC_BENCH_LOCK"))
     parser.add_argument("--smoke", action="store_true", help="1-layer width-32 GPT, 300 kB corpus, 8 steps, K_x 2")
     parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--betas", type=float, nargs=2, metavar=("BETA1", "BETA2"),
+                        help="AdamW betas of the GPT (default: the config's 0.9 0.95); use a fresh --out-dir")
     args = parser.parse_args(argv)
-    args.model_overrides = []
+    args.model_overrides = [f"--model.betas=[{args.betas[0]},{args.betas[1]}]"] if args.betas else []
     if args.smoke:
         args.steps, args.k, args.val_every, args.val_batches = 8, 2, 8, 2
         args.max_bytes = 300_000
-        args.model_overrides = ["--model.n_layer=1", "--model.n_head=2", "--model.n_embd=32",
+        args.model_overrides += ["--model.n_layer=1", "--model.n_head=2", "--model.n_embd=32",
                                 "--model.warmup_steps=2", "--data.val_every=4", "--data.batch_size=4"]
     out_dir = Path(args.out_dir)
     if not out_dir.is_absolute():
@@ -231,7 +233,8 @@ def main(argv=None) -> dict:
         ])
     del ref_names
     print(f"\nGPT example ({'smoke' if args.smoke else '4 layers, width 64'}), 2 CPU processes (gloo), "
-          f"{args.steps} steps, global batch 2 x 16 x 128 tokens, seeds {args.seeds}; final val loss = mean ± half "
+          f"{args.steps} steps, global batch 2 x 16 x 128 tokens, seeds {args.seeds}"
+          f"{'; AdamW betas ' + str(tuple(args.betas)) if args.betas else ''}; final val loss = mean ± half "
           f"range over seeds (last validation, {args.val_batches} batches per rank); bytes per rank (rank 0's ledger), "
           f"mean over seeds")
     print(markdown_table(["scheme", "K_x", "final val loss", "per seed", "vs DDP", "vs Local Adam", "vs DES-LOC",

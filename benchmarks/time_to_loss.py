@@ -74,7 +74,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="tiny model and corpus, few steps; loopback when not root")
     ap.add_argument("--steps", type=int, default=500, help="DDP's max_steps (the target is its final val loss)")
-    ap.add_argument("--k", type=int, nargs="+", default=[16, 4], help="K (= K_x for DES-LOC) values to run")
+    ap.add_argument("--k", nargs="+", default=["16", "4"],
+                    help="K (= K_x for DES-LOC) values to run; 'auto' runs DES-LOC with param_sync_every=auto only")
+    ap.add_argument("--comm-budget", type=float, default=None, help="with --k auto: the strategy's comm_budget")
     ap.add_argument("--local-factor", type=float, default=2.0, help="local runs stop at the target or this x steps")
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--val-every", type=int, default=25)
@@ -111,7 +113,6 @@ def main() -> int:
             out = REPO / out
         env = {"PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parent), os.environ.get("PYTHONPATH", "")])}
 
-        runs: list[tuple[str, str, Optional[int], int, Optional[float]]] = []  # label, config, K, max_steps, stop
         results: dict[str, Metrics] = {}
         commands: dict[str, list[str]] = {}
 
@@ -147,6 +148,13 @@ def main() -> int:
         target = ddp.val[-1][1]
         local_steps = int(round(args.steps * args.local_factor))
         for k in args.k:
+            if k == "auto":
+                budget = ([f"--trainer.strategy.init_args.comm_budget={args.comm_budget}"]
+                          if args.comm_budget is not None else [])
+                extra.extend(budget)
+                run(f"DES-LOC (K_x={k})", "desloc", k, local_steps, target)
+                del extra[len(extra) - len(budget):]
+                continue
             run(f"Local Adam (K={k})", "local-adam", k, local_steps, target)
             run(f"DES-LOC (K_x={k})", "desloc", k, local_steps, target)
 
@@ -163,15 +171,17 @@ def main() -> int:
             per_step = last_t / last_step
             if hit is None:
                 rows.append([label, "not reached", f"> {last_t:.1f}", f"{per_step * 1e3:.0f}", f"{min(v[1] for v in m.val):.4f}",
-                             "-", "-"])
+                             "-", "-", "-"])
                 summary["runs"][label] = {"reached": False, "ms_per_step": per_step * 1e3}
                 continue
             step, t = hit
             vs_ddp = ddp_t[1] / t
             vs_la = (la_t[1] / t) if (la_t and label.startswith("DES-LOC")) else None
+            sent = m.bytes_at(step)
             rows.append([label, str(step), f"{t:.1f}", f"{per_step * 1e3:.0f}", f"{m.val[-1][1]:.4f}", f"{vs_ddp:.2f}x",
-                         f"{vs_la:.2f}x" if vs_la else "-"])
+                         f"{vs_la:.2f}x" if vs_la else "-", f"{sent / 1e6:.2f}" if sent is not None else "?"])
             summary["runs"][label] = {"reached": True, "step": step, "seconds": t, "ms_per_step": per_step * 1e3,
+                                      "bytes_to_target": sent,
                                       "speedup_vs_ddp": vs_ddp, "speedup_vs_local_adam": vs_la,
                                       "command": " ".join(commands[label])}
         link_desc = f"{args.rate} veth + tc tbf, 2 nodes x 1 process" if use_link else "loopback, 2 nodes x 1 process"
@@ -180,10 +190,13 @@ def main() -> int:
               f"batch {args.batch_size} x 128 tokens per rank and step")
         print()
         print(markdown_table(["run", "steps to target", "train wall clock to target (s)", "ms per step",
-                              "last val loss", "speed-up vs DDP", "speed-up vs Local Adam (same K)"], rows))
+                              "last val loss", "speed-up vs DDP", "speed-up vs Local Adam (same K)",
+                              "MB sent per rank to target"], rows))
         print()
         for k in args.k:
             d = summary["runs"].get(f"DES-LOC (K_x={k})", {})
+            if k == "auto":
+                continue
             la = summary["runs"].get(f"Local Adam (K={k})", {})
             if d.get("reached"):
                 print(f"K_x={k}: DES-LOC reached the target {d['speedup_vs_ddp']:.2f}x faster than DDP (target >= 3x)"
@@ -192,6 +205,21 @@ def main() -> int:
                          (" ; Local Adam did not reach the target" if not la.get("reached") else "")))
             else:
                 print(f"K_x={k}: DES-LOC did not reach the target within {local_steps} steps")
+        auto = summary["runs"].get("DES-LOC (K_x=auto)")
+        if auto is not None:
+            fixed = {lab: r for lab, r in summary["runs"].items()
+                     if lab.startswith("DES-LOC") and lab != "DES-LOC (K_x=auto)" and r.get("reached")}
+            chosen = {k.split("comm/auto/")[1]: v for k, v in results["DES-LOC (K_x=auto)"].last.items()
+                      if k.startswith("comm/auto/")}
+            print("auto chose " + ", ".join(f"{k}={v:g}" for k, v in sorted(chosen.items())))
+            best = min(fixed.items(), key=lambda kv: kv[1]["bytes_to_target"]) if fixed else None
+            if not auto.get("reached"):
+                print("auto: DES-LOC did not reach the target")
+            elif best is not None:
+                ratio = best[1]["bytes_to_target"] / auto["bytes_to_target"]
+                print(f"auto reached the target with {auto['bytes_to_target'] / 1e6:.2f} MB per rank in "
+                      f"{auto['seconds']:.1f} s; best fixed by bytes: {best[0]} with {best[1]['bytes_to_target'] / 1e6:.2f} MB "
+                      f"in {best[1]['seconds']:.1f} s ({ratio:.2f}x the bytes of auto)")
         png = Path(args.png)
         if not png.is_absolute():
             png = REPO / png
