@@ -81,6 +81,7 @@ def main() -> int:
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--val-every", type=int, default=25)
     ap.add_argument("--val-batches", type=int, default=16)
+    ap.add_argument("--seed", type=int, default=None, help="--seed_everything of every run (default: the configs' 1234)")
     ap.add_argument("--rate", default="100mbit")
     ap.add_argument("--loopback", action="store_true", help="no namespaces: both nodes on 127.0.0.1")
     ap.add_argument("--out", default="runs/slow-link/time-to-loss", help="CSV logs (one directory per run)")
@@ -98,6 +99,8 @@ def main() -> int:
     extra += [f"--data.data_dir={args.data_dir}", f"--data.batch_size={args.batch_size}",
               f"--trainer.val_check_interval={args.val_every}", f"--trainer.limit_val_batches={args.val_batches}",
               "--trainer.num_nodes=2", "--trainer.devices=1", "--trainer.callbacks+=slowlink.TrainClock"]
+    if args.seed is not None:
+        extra.append(f"--seed_everything={args.seed}")
     try:
         if args.smoke:
             ensure_data(args.data_dir, SMOKE_DATA_BYTES, val_every=SMOKE_VAL_EVERY)
