@@ -5,21 +5,22 @@ built and removed here, root only). Each run is ``examples/gpt/train.py fit --co
 configs/gpt-tiny-{ddp,local-adam,desloc}.yaml`` with ``--trainer.num_nodes=2 --trainer.devices=1``,
 one node per namespace, plus the same overrides for all runs:
 
-* ``--data.batch_size`` (default 4 sequences of 128 bytes per rank and step): a small per-step
-  compute so that the run is in the slow-link regime, where DDP's per-step gradient all-reduce
-  (898,560 bytes, ~72 ms at 12.5 MB/s) costs more than the step's computation;
+* ``--data.batch_size`` (default 1 sequence of 128 bytes per rank and step): a small per-step
+  compute (~12 ms here) so that the run is in the slow-link regime, where DDP's per-step gradient
+  all-reduce (898,560 bytes, ~72 ms at 12.5 MB/s) costs several times the step's computation;
 * ``--model.min_lr_ratio=1.0``: constant learning rate after warm-up, so that the learning-rate schedule
   does not depend on ``max_steps`` and runs of different lengths are comparable step by step;
 * validation every ``--val-every`` steps on ``--val-batches`` batches (the consensus model under DES-LOC).
 
 DDP runs ``--steps`` steps; its final validation loss is the target. Local Adam and DES-LOC (for each
-``--k``: Local Adam with every state on period K, DES-LOC with ``K_x = K`` and the states on 3K and 6K)
-then run until their validation loss is at or below the target (at most ``--local-factor`` x steps).
+``--k``: Local Adam with every state on period K, DES-LOC with ``K_x = K`` and the states on 3K and 6K;
+``auto``: DES-LOC with ``param_sync_every="auto"``, which times the link itself) then run until their validation loss is at or below the target (at most ``--local-factor`` x steps).
 The clock (``slowlink.TrainClock``) is training wall clock from the first batch, without the
 validation passes (identical work in every run). Time to target = clock at the first validation at or
-below the target. Speed-ups are ratios of those times, all from this one invocation.
+below the target. Speed-ups are ratios of those times, all from this one invocation. Bytes to the
+target are the strategy's ledger (rank 0) at that validation; for DDP one gradient per step.
 
-    sudo python benchmarks/time_to_loss.py                 # a few minutes
+    sudo python benchmarks/time_to_loss.py                 # ~9 minutes
     python benchmarks/time_to_loss.py --smoke              # tiny model and corpus, seconds
 """
 
@@ -73,14 +74,14 @@ def plot(results: dict[str, Metrics], target: float, path: Path, title: str) -> 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="tiny model and corpus, few steps; loopback when not root")
-    ap.add_argument("--steps", type=int, default=500, help="DDP's max_steps (the target is its final val loss)")
-    ap.add_argument("--k", nargs="+", default=["16", "4"],
+    ap.add_argument("--steps", type=int, default=600, help="DDP's max_steps (the target is its final val loss)")
+    ap.add_argument("--k", nargs="+", default=["8", "16", "auto"],
                     help="K (= K_x for DES-LOC) values to run; 'auto' runs DES-LOC with param_sync_every=auto only")
     ap.add_argument("--comm-budget", type=float, default=None, help="with --k auto: the strategy's comm_budget")
     ap.add_argument("--local-factor", type=float, default=2.0, help="local runs stop at the target or this x steps")
-    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--batch-size", type=int, default=1)
     ap.add_argument("--val-every", type=int, default=25)
-    ap.add_argument("--val-batches", type=int, default=16)
+    ap.add_argument("--val-batches", type=int, default=64)
     ap.add_argument("--seed", type=int, default=None, help="--seed_everything of every run (default: the configs' 1234)")
     ap.add_argument("--rate", default="100mbit")
     ap.add_argument("--loopback", action="store_true", help="no namespaces: both nodes on 127.0.0.1")
