@@ -142,7 +142,8 @@ class DeslocFabricStrategy(MeteredCollectives, DDPStrategy):
         #: the framework-independent DES-LOC core shared with the Trainer strategy
         self.core = DeslocSync(
             param_sync_every, state_sync_every, state_policy, compression, outer_lr, outer_momentum, outer_nesterov,
-            None, comm_budget, max_drift, drift_check_every, bucket_cap_mb, buffers=self._float_buffers,
+            None, comm_budget=comm_budget, max_drift=max_drift, drift_check_every=drift_check_every,
+            bucket_cap_mb=bucket_cap_mb, buffers=self._float_buffers,
         )
         self._backward_sync_control = _NoGradientSync()
         self._desloc_modules: list[Module] = []

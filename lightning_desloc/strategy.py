@@ -98,6 +98,17 @@ class DeslocStrategy(MeteredCollectives, DDPStrategy):
         group_size: hierarchical synchronisation (off when ``None``): consecutive ranks in groups of this
             size (e.g. the devices of one node) all-reduce gradients every step like DDP, and DES-LOC's
             schedule runs across groups. The gradient level has its own ledger, ``group_ledger``.
+        group_param_sync_every: the level inside the groups, in optimizer steps. ``1`` (default): the
+            gradients are all-reduced inside each group every step, as above. ``k_in > 1``: no gradient
+            all-reduce; the ranks of a group run DES-LOC among themselves, averaging the parameters within
+            the group every ``k_in`` steps (bytes in ``group_ledger``). Whatever the outer level
+            (``param_sync_every``, ``state_sync_every``, unchanged in timing) has due is averaged within
+            the group first and then across groups, so it becomes the mean over all ranks. Needs
+            ``group_size`` and ``state_policy="average"``; not with ``"auto"`` or ``max_drift``. See
+            :mod:`lightning_desloc.groups`.
+        group_state_sync_every: periods of the optimizer states inside the groups, in optimizer steps, as
+            ``state_sync_every`` (``None``: first moments every ``3 * k_in``, second moments every
+            ``6 * k_in``; an ``int``; a dict per key). Only with ``group_param_sync_every > 1``.
         bucket_cap_mb: largest flat buffer of one all-reduce, in MiB.
         log_comm: log the communication ledger (``comm/...``) to the trainer's loggers at each sync.
         allow_consensus_fallback: on resume, a truncated, corrupt or foreign per-rank shard raises
@@ -120,6 +131,8 @@ class DeslocStrategy(MeteredCollectives, DDPStrategy):
         outer_momentum: float = 0.9,
         outer_nesterov: bool = True,
         group_size: Optional[int] = None,
+        group_param_sync_every: int = 1,
+        group_state_sync_every: StateSyncEvery = None,
         comm_budget: float = 0.05,
         max_drift: Optional[float] = None,
         drift_check_every: int = 16,
@@ -148,8 +161,8 @@ class DeslocStrategy(MeteredCollectives, DDPStrategy):
         #: the framework-independent DES-LOC core: schedule, step counters, rounds, ledger
         self.core = DeslocSync(
             param_sync_every, state_sync_every, state_policy, compression, outer_lr, outer_momentum, outer_nesterov,
-            group_size, comm_budget, max_drift, drift_check_every, bucket_cap_mb,
-            buffers=self._float_buffers, log=self._log_metrics,
+            group_size, group_param_sync_every, group_state_sync_every, comm_budget, max_drift, drift_check_every,
+            bucket_cap_mb, buffers=self._float_buffers, log=self._log_metrics,
         )
         if validate_on not in ("consensus", "local"):
             raise ValueError(f"validate_on must be 'consensus' or 'local', got {validate_on!r}")
@@ -167,10 +180,12 @@ class DeslocStrategy(MeteredCollectives, DDPStrategy):
     schedule = CoreAttribute()
     #: completed optimizer steps, one counter per optimizer (index in ``self.optimizers``)
     optimizer_steps = CoreAttribute()
-    #: bytes of the gradient all-reduces inside groups (hierarchical mode)
+    #: bytes of the level inside groups (hierarchical mode): gradient all-reduces, or the inner averages
     group_ledger = CoreAttribute()
     groups = CoreAttribute()
     group_size = CoreAttribute()
+    #: the inner level's schedule (``group_param_sync_every > 1``), else ``None``
+    group_schedule = CoreAttribute()
     compression = CoreAttribute()
     outer = CoreAttribute()
     auto = CoreAttribute()

@@ -16,6 +16,8 @@ either: it is given the optimizers, is told when one of them was stepped, and th
 
 Scalar state (``step``) is never averaged. The optional parts (compression, outer optimizer, drift
 trigger, ``param_sync_every="auto"``, hierarchical groups) live here too, so both adapters get them.
+With hierarchical groups and ``group_param_sync_every > 1`` step 3 is preceded by the inner level's
+round inside the group (:mod:`lightning_desloc.groups`), recorded in :attr:`DeslocSync.group_ledger`.
 
 Example: two workers simulated in one process need a process group; with a single process (world
 size 1) nothing is sent and the schedule is still counted::
@@ -56,7 +58,14 @@ from torch.optim import Optimizer
 from lightning_desloc.adaptive import AutoPeriods, DriftMonitor, optimizer_betas
 from lightning_desloc.averaging import DEFAULT_BUCKET_CAP_BYTES, average_
 from lightning_desloc.compression import Compression, CompressionPlan, parse_compression
-from lightning_desloc.groups import HierarchicalGroups, desloc_group
+from lightning_desloc.groups import (
+    GRADIENTS_EVERY_STEP,
+    HierarchicalGroups,
+    check_group_keys,
+    desloc_group,
+    make_group_schedule,
+    within_group_plan,
+)
 from lightning_desloc.ledger import CommLedger
 from lightning_desloc.outer import OuterOptimizer
 from lightning_desloc.schedule import NEVER_AVERAGED_KEYS, StatePolicy, StateSyncEvery, SyncPlan, SyncSchedule
@@ -221,7 +230,12 @@ class DeslocSync:
         state_policy: ``"average"`` (DES-LOC), ``"keep_local"`` or ``"reset"`` (baselines).
         compression: wire format per category (``"bf16"``, ``"int8"``, or a dict), ``None`` for exact.
         outer_lr, outer_momentum, outer_nesterov: the optional outer SGD step on each parameter average.
-        group_size: ranks per gradient group for hierarchical synchronisation (``None``: off).
+        group_size: ranks per group for hierarchical synchronisation (``None``: off).
+        group_param_sync_every: the inner level, inside each group: ``1`` all-reduces gradients every step;
+            ``k_in > 1`` averages parameters within the group every ``k_in`` steps instead (DES-LOC inside
+            the group; see :mod:`lightning_desloc.groups`).
+        group_state_sync_every: state periods of the inner level, as ``state_sync_every`` (``None``: the
+            defaults from ``k_in``); only with ``group_param_sync_every > 1``.
         comm_budget: with ``"auto"``, the fraction of step time communication may take.
         max_drift, drift_check_every: early parameter average when the relative drift from the last
             consensus exceeds ``max_drift``, checked every ``drift_check_every`` steps.
@@ -232,7 +246,10 @@ class DeslocSync:
 
     Attributes:
         ledger: bytes of the DES-LOC rounds (and whatever the adapter meters), per category.
-        group_ledger: bytes of the gradient all-reduces inside groups (hierarchical mode).
+        group_ledger: bytes of the inner level (hierarchical mode): the gradient all-reduces (``grads``),
+            or with ``group_param_sync_every > 1`` the averages within groups (``params``, ``state/<key>``).
+        group_schedule: the inner level's :class:`SyncSchedule`, ``None`` unless ``group_param_sync_every > 1``.
+        last_group_plan: what the inner round of the last step averaged (``None``: no inner round).
         optimizer_steps: completed steps per attached optimizer, in attach order.
         params_in_sync: whether every rank holds the same parameters right now (after setup's
             broadcast or a parameter average, until the next local step).
@@ -248,6 +265,8 @@ class DeslocSync:
         outer_momentum: float = 0.9,
         outer_nesterov: bool = True,
         group_size: Optional[int] = None,
+        group_param_sync_every: int = GRADIENTS_EVERY_STEP,
+        group_state_sync_every: StateSyncEvery = None,
         comm_budget: float = 0.05,
         max_drift: Optional[float] = None,
         drift_check_every: int = 16,
@@ -270,6 +289,11 @@ class DeslocSync:
         if group_size is not None and (isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1):
             raise ValueError(f"group_size must be a positive number of ranks per group, got {group_size!r}")
         self.group_size = group_size
+        self.group_schedule: Optional[SyncSchedule] = make_group_schedule(
+            group_size, group_param_sync_every, group_state_sync_every, state_policy, self.auto is not None, max_drift
+        )
+        self.last_group_plan: Optional[SyncPlan] = None
+        self._group_round_done = False  # after_step's inner round already covers the plan sync() is given
         self.groups: Optional[HierarchicalGroups] = None
         self.group_ledger = CommLedger()
         self.outer: Optional[OuterOptimizer] = None
@@ -357,8 +381,9 @@ class DeslocSync:
         return index
 
     def wrap_closure(self, closure: Callable[[], Any], optimizer: Optimizer) -> Callable[[], Any]:
-        """``closure`` followed by the gradient all-reduce inside the group (hierarchical mode only)."""
-        if self.groups is None:
+        """``closure`` followed by the gradient all-reduce inside the group (hierarchical mode with
+        ``group_param_sync_every=1`` only)."""
+        if self.groups is None or self.group_schedule is not None:
             return closure
         return self.groups.wrap_closure(closure, optimizer, self.bucket_cap_bytes)
 
@@ -366,8 +391,10 @@ class DeslocSync:
         """Call right after the step attempt begun by :meth:`begin_step`.
 
         Returns ``None`` when the step did not happen (not counted) or nothing was due, else the plan of
-        the round that ran. On the first step, the optimizer's averaged state keys are checked against
-        the schedule (``ValueError`` naming keys without a period).
+        the round that ran (the outer round with hierarchical groups: a step with only an inner round
+        returns ``None`` and leaves its plan in :attr:`last_group_plan`). On the first step, the
+        optimizer's averaged state keys are checked against the schedule(s) (``ValueError`` naming keys
+        without a period).
         """
         if self._step_calls[index] == self._calls_before[index]:
             return None  # skipped (e.g. AMP found inf gradients): not a step
@@ -380,7 +407,10 @@ class DeslocSync:
             keys = self._state_keys[index] = tuple(sorted(averaged_state_keys(optimizer)))
             if self.auto is None:
                 self.schedule.check_keys(keys)
+            if self.group_schedule is not None:
+                check_group_keys(self.group_schedule, keys)
         self.params_in_sync = False
+        self.last_group_plan = None
         if self.auto is not None and self.auto.chosen is None:
             return self._auto_warmup_step(optimizer, step, keys)
         plan = self.schedule.due(step, keys)
@@ -389,10 +419,19 @@ class DeslocSync:
         ):
             plan = SyncPlan(step, True, plan.states, plan.reset_states)
             self.early_syncs += 1
-        if plan.empty:
-            return None
-        self.sync(optimizer, plan, with_buffers=index == 0)
-        return plan
+        if self.has_inner_level:
+            assert self.group_schedule is not None
+            # the inner round: what the inner level has due, and what the outer round is about to average
+            inner = within_group_plan(plan, self.group_schedule.due(step, keys))
+            self._group_round(optimizer, inner, with_buffers=index == 0)
+            self._group_round_done = True
+        try:
+            if plan.empty:
+                return None
+            self.sync(optimizer, plan, with_buffers=index == 0)
+            return plan
+        finally:
+            self._group_round_done = False
 
     def _auto_warmup_step(self, optimizer: Optimizer, step: int, keys: tuple[str, ...]) -> Optional[SyncPlan]:
         """Local steps are timed until the warm-up ends with a timed parameter average; then the periods
@@ -421,13 +460,8 @@ class DeslocSync:
                     **{f"comm/auto/state_sync_every/{k}": float(v) for k, v in periods.items()}})
         return plan
 
-    def sync(self, optimizer: Optimizer, plan: SyncPlan, with_buffers: bool = True) -> None:
-        """Average what ``plan`` says is due for ``optimizer``'s parameters and states, in one round.
-
-        Ledger categories: ``params``, ``buffers`` (the ``buffers`` callable's tensors, with the
-        parameters when ``with_buffers``), ``state/<key>``; bytes are the payload one rank sends
-        (``numel * element_size``, or the encoded size under compression).
-        """
+    def _due_tensors(self, optimizer: Optimizer, plan: SyncPlan, with_buffers: bool) -> dict[str, list[Tensor]]:
+        """The tensors ``plan`` says are due, by ledger category."""
         params = optimizer_params(optimizer)
         due: dict[str, list[Tensor]] = {}
         if plan.params:
@@ -441,6 +475,39 @@ class DeslocSync:
                 for p in params
                 if p in optimizer.state and is_averaged(key, optimizer.state[p].get(key), p)
             ]
+        return due
+
+    @property
+    def has_inner_level(self) -> bool:
+        """Whether ranks inside a group can differ and are averaged by an inner round before every outer
+        round (hierarchical groups with ``group_param_sync_every > 1``, once the groups exist)."""
+        return self.group_schedule is not None and self.groups is not None
+
+    def _group_round(self, optimizer: Optimizer, plan: SyncPlan, with_buffers: bool) -> None:
+        """The inner level's round: what ``plan`` names, averaged exactly within this rank's group in one
+        coalesced round, bytes in :attr:`group_ledger`. Nothing is sent for an empty plan."""
+        assert self.groups is not None
+        self.last_group_plan = None if plan.empty else plan
+        if not plan.empty:
+            self.groups.average_within(self._due_tensors(optimizer, plan, with_buffers), self.bucket_cap_bytes)
+
+    def sync(self, optimizer: Optimizer, plan: SyncPlan, with_buffers: bool = True) -> None:
+        """Average what ``plan`` says is due for ``optimizer``'s parameters and states, in one round.
+
+        Ledger categories: ``params``, ``buffers`` (the ``buffers`` callable's tensors, with the
+        parameters when ``with_buffers``), ``state/<key>``; bytes are the payload one rank sends
+        (``numel * element_size``, or the encoded size under compression).
+
+        With an inner level (``group_param_sync_every > 1``) the categories of ``plan`` are averaged
+        within the group first, so that this round across groups gives the world mean: by
+        :meth:`after_step` in the step's inner round (with what the inner schedule has due), else here,
+        in a round of their own (bytes in :attr:`group_ledger`).
+        """
+        params = optimizer_params(optimizer)
+        if self.has_inner_level and not self._group_round_done:
+            self._group_round(optimizer, plan, with_buffers)
+        self._group_round_done = False
+        due = self._due_tensors(optimizer, plan, with_buffers)
         average_(due, self.ledger, group=self.group, bucket_cap_bytes=self.bucket_cap_bytes,
                  compression=self.compression)
         if plan.params and self.outer is not None:
@@ -460,12 +527,17 @@ class DeslocSync:
 
     def average_parameters(self, modules: Union[Module, Sequence[Module]], category: str = "params") -> None:
         """Average every parameter and floating buffer of ``modules`` now, exactly (no compression, no
-        outer step); bytes go to ``category`` (buffers to ``"buffers"`` when ``category`` is ``"params"``)."""
+        outer step); bytes go to ``category`` (buffers to ``"buffers"`` when ``category`` is ``"params"``).
+        With an inner level, a round inside the group (bytes in :attr:`group_ledger`) comes first, so the
+        result is the world mean."""
         modules = [modules] if isinstance(modules, Module) else list(modules)
         tensors: dict[str, list[Tensor]] = {category: unique_parameters(modules)}
         buffers = float_buffers(modules)
         if buffers:
             tensors.setdefault("buffers" if category == "params" else category, []).extend(buffers)
+        if self.has_inner_level:
+            assert self.groups is not None
+            self.groups.average_within(tensors, self.bucket_cap_bytes)
         average_(tensors, self.ledger, group=self.group, bucket_cap_bytes=self.bucket_cap_bytes)
         self.params_in_sync = True
 
