@@ -8,6 +8,14 @@ of two that keeps that fraction under ``comm_budget``, within ``[min_period, max
 
     K_x = clip(2 ** ceil(log2(t_round / (comm_budget * t_step))), min_period, max_period)
 
+The time budget alone says nothing about quality: on a slow link it asks for periods so long that the
+ranks' models drift too far apart for their average to be good (on the GPT example at batch 1 it chose
+K_x = 256 for a 1200-step run and the averaged model's loss spiked). So when the run's length ``T``
+(optimizer steps) is known, ``max_period`` is lowered to keep at least ``min_param_syncs`` parameter
+averages in the run::
+
+    max_period = min(max_period, max(min_period, 2 ** floor(log2(T / min_param_syncs))))
+
 A moment with decay ``beta`` has a half-life ``tau(beta) = ln(0.5) / ln(beta)`` steps and changes
 little within it, so averaging it more often buys little. Each state therefore gets the paper's
 multiple of ``K_x`` or its half-life, whichever is longer, rounded up to a multiple of ``K_x`` so that
@@ -28,6 +36,8 @@ Example::
     (512, {'exp_avg': 1536, 'exp_avg_sq': 3072})
     >>> choose_periods(step_time_s=0.1, round_time_s=0.1, betas={"exp_avg": 0.9, "exp_avg_sq": 0.999})
     (32, {'exp_avg': 96, 'exp_avg_sq': 704})
+    >>> period_cap(total_steps=1200, min_param_syncs=32)   # 1200 / 32 = 37.5 -> 32
+    32
 """
 
 from __future__ import annotations
@@ -89,6 +99,16 @@ def choose_periods(
     return k_x, periods
 
 
+def period_cap(total_steps: Optional[float], min_param_syncs: int, min_period: int = 8,
+               max_period: int = 1024) -> int:
+    """The longest ``K_x`` (a power of two, steps) that leaves ``min_param_syncs`` averages in a run of
+    ``total_steps`` optimizer steps; ``max_period`` when the length is unknown (``None`` or infinite)."""
+    if total_steps is None or not math.isfinite(total_steps) or total_steps <= 0:
+        return max_period
+    fit = 2 ** math.floor(math.log2(max(total_steps / min_param_syncs, 1.0)))
+    return int(min(max_period, max(min_period, fit)))
+
+
 class DriftMonitor:
     """Relative distance of this rank's parameters from the last consensus; max over ranks."""
 
@@ -122,12 +142,15 @@ class AutoPeriods:
     """``param_sync_every="auto"``: time ``warmup_steps`` local steps and the parameter average after
     them, agree across ranks on the slowest measurements, then choose the periods by the policy."""
 
-    def __init__(self, warmup_steps: int = 16, comm_budget: float = 0.05) -> None:
+    def __init__(self, warmup_steps: int = 16, comm_budget: float = 0.05, min_param_syncs: int = 32) -> None:
         if warmup_steps < 2:
             raise ValueError(f"auto periods need at least 2 warm-up steps to time a step, got {warmup_steps}")
         if not 0 < comm_budget < 1:
             raise ValueError(f"comm_budget is a fraction of the step time in (0, 1), got {comm_budget!r}")
-        self.warmup_steps, self.comm_budget = warmup_steps, comm_budget
+        if not (isinstance(min_param_syncs, int) and min_param_syncs >= 1):
+            raise ValueError(f"min_param_syncs is a number of parameter averages per run (>= 1), got "
+                             f"{min_param_syncs!r}; use 1 to let the time budget alone decide")
+        self.warmup_steps, self.comm_budget, self.min_param_syncs = warmup_steps, comm_budget, min_param_syncs
         self._stamps: list[float] = []
         self.chosen: Optional[tuple[int, dict[str, int]]] = None
         self.measured: dict[str, float] = {}
@@ -139,12 +162,16 @@ class AutoPeriods:
         gaps = sorted(b - a for a, b in zip(self._stamps, self._stamps[1:]))
         return gaps[len(gaps) // 2] if gaps else 0.0
 
-    def decide(self, round_time_s: float, betas: Mapping[str, float], ledger: CommLedger, group=None):
-        """Agree on ``(K_x, periods)``: every rank uses the max step and round time over ranks."""
+    def decide(self, round_time_s: float, betas: Mapping[str, float], ledger: CommLedger, group=None,
+               total_steps: Optional[float] = None):
+        """Agree on ``(K_x, periods)``: every rank uses the max step and round time over ranks.
+
+        ``total_steps``: the run's length in optimizer steps, when known; it caps ``K_x`` (see the module)."""
         times = torch.tensor([self.step_time(), round_time_s], dtype=torch.float64)
         if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
             dist.all_reduce(times, op=dist.ReduceOp.MAX, group=group)
             ledger.record({"control": times.numel() * times.element_size()})
-        self.measured = {"step_time_s": float(times[0]), "round_time_s": float(times[1])}
-        self.chosen = choose_periods(float(times[0]), float(times[1]), betas, self.comm_budget)
+        cap = period_cap(total_steps, self.min_param_syncs)
+        self.measured = {"step_time_s": float(times[0]), "round_time_s": float(times[1]), "max_period": float(cap)}
+        self.chosen = choose_periods(float(times[0]), float(times[1]), betas, self.comm_budget, max_period=cap)
         return self.chosen

@@ -96,6 +96,8 @@ class DeslocFabricStrategy(MeteredCollectives, DDPStrategy):
         outer_lr: the outer Nesterov SGD step on each parameter average (off when ``None``), with
             ``outer_momentum`` and ``outer_nesterov``. One optimizer only.
         comm_budget: with ``param_sync_every="auto"``, the fraction of step time communication may take.
+        total_steps, min_param_syncs: with ``"auto"`` and ``total_steps`` (the run's optimizer steps)
+            given, ``K_x`` is capped to leave at least ``min_param_syncs`` parameter averages in the run.
         max_drift: early parameter average when ``||x_i - xbar|| / ||xbar||`` (max over ranks, checked every
             ``drift_check_every`` steps, 4 bytes of ``control``) exceeds it; ``None``: off.
         drift_check_every: optimizer steps between drift checks.
@@ -117,6 +119,8 @@ class DeslocFabricStrategy(MeteredCollectives, DDPStrategy):
         outer_momentum: float = 0.9,
         outer_nesterov: bool = True,
         comm_budget: float = 0.05,
+        total_steps: Optional[int] = None,
+        min_param_syncs: int = 32,
         max_drift: Optional[float] = None,
         drift_check_every: int = 16,
         bucket_cap_mb: float = DEFAULT_BUCKET_CAP_BYTES / 2**20,
@@ -143,8 +147,9 @@ class DeslocFabricStrategy(MeteredCollectives, DDPStrategy):
         self.core = DeslocSync(
             param_sync_every, state_sync_every, state_policy, compression, outer_lr, outer_momentum, outer_nesterov,
             None, comm_budget=comm_budget, max_drift=max_drift, drift_check_every=drift_check_every,
-            bucket_cap_mb=bucket_cap_mb, buffers=self._float_buffers,
+            bucket_cap_mb=bucket_cap_mb, buffers=self._float_buffers, min_param_syncs=min_param_syncs,
         )
+        self.core.total_steps = total_steps
         self._backward_sync_control = _NoGradientSync()
         self._desloc_modules: list[Module] = []
         self._desloc_optimizers: list[Optimizer] = []

@@ -92,6 +92,9 @@ class DeslocStrategy(MeteredCollectives, DDPStrategy):
         comm_budget: with ``param_sync_every="auto"``: the fraction of step time communication may take.
             The strategy times the first 16 local steps and the parameter average after them, then picks
             ``K_x`` and the state periods (policy in :mod:`lightning_desloc.adaptive`) and logs them.
+        min_param_syncs: with ``param_sync_every="auto"``: ``K_x`` is capped so that the run
+            (``trainer.estimated_stepping_batches`` optimizer steps) has at least this many parameter
+            averages; ``1`` leaves the choice to the time budget alone.
         max_drift: when set, every ``drift_check_every`` steps the ranks compare (one float) how far they
             moved from the last consensus, ``||x_i - xbar|| / ||xbar||``; above this bound the parameters
             are averaged at once, outside the schedule (``early_syncs`` counts them).
@@ -134,6 +137,7 @@ class DeslocStrategy(MeteredCollectives, DDPStrategy):
         group_param_sync_every: int = 1,
         group_state_sync_every: StateSyncEvery = None,
         comm_budget: float = 0.05,
+        min_param_syncs: int = 32,
         max_drift: Optional[float] = None,
         drift_check_every: int = 16,
         bucket_cap_mb: float = DEFAULT_BUCKET_CAP_BYTES / 2**20,
@@ -162,7 +166,7 @@ class DeslocStrategy(MeteredCollectives, DDPStrategy):
         self.core = DeslocSync(
             param_sync_every, state_sync_every, state_policy, compression, outer_lr, outer_momentum, outer_nesterov,
             group_size, group_param_sync_every, group_state_sync_every, comm_budget, max_drift, drift_check_every,
-            bucket_cap_mb, buffers=self._float_buffers, log=self._log_metrics,
+            bucket_cap_mb, buffers=self._float_buffers, log=self._log_metrics, min_param_syncs=min_param_syncs,
         )
         if validate_on not in ("consensus", "local"):
             raise ValueError(f"validate_on must be 'consensus' or 'local', got {validate_on!r}")
@@ -225,6 +229,7 @@ class DeslocStrategy(MeteredCollectives, DDPStrategy):
         if fitting:
             _optimizers_to_device(self.optimizers, self.root_device)
             self.core.attach(self.optimizers)
+            self.core.total_steps = float(trainer.estimated_stepping_batches)
 
     def _module_tensors(self) -> list[Tensor]:
         assert self.model is not None

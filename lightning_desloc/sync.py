@@ -237,6 +237,8 @@ class DeslocSync:
         group_state_sync_every: state periods of the inner level, as ``state_sync_every`` (``None``: the
             defaults from ``k_in``); only with ``group_param_sync_every > 1``.
         comm_budget: with ``"auto"``, the fraction of step time communication may take.
+        min_param_syncs: with ``"auto"`` and a known run length (:attr:`total_steps`), ``K_x`` leaves at
+            least this many parameter averages in the run (power-of-two periods, never below 8 steps).
         max_drift, drift_check_every: early parameter average when the relative drift from the last
             consensus exceeds ``max_drift``, checked every ``drift_check_every`` steps.
         bucket_cap_mb: largest flat buffer of one all-reduce, in MiB (``2**20`` bytes).
@@ -272,13 +274,17 @@ class DeslocSync:
         drift_check_every: int = 16,
         bucket_cap_mb: float = DEFAULT_BUCKET_CAP_BYTES / 2**20,
         buffers: Optional[Callable[[], Sequence[Tensor]]] = None,
+        min_param_syncs: int = 32,
         log: Optional[Callable[[Metrics], None]] = None,
     ) -> None:
         self.auto: Optional[AutoPeriods] = None
+        #: the run's length in optimizer steps when known (the Trainer's ``estimated_stepping_batches``);
+        #: with ``"auto"`` it caps ``K_x`` to leave ``min_param_syncs`` averages in the run
+        self.total_steps: Optional[float] = None
         if param_sync_every == "auto":
             if state_sync_every is not None:
                 raise ValueError("param_sync_every='auto' chooses the state periods too; leave state_sync_every=None")
-            self.auto = AutoPeriods(comm_budget=comm_budget)
+            self.auto = AutoPeriods(comm_budget=comm_budget, min_param_syncs=min_param_syncs)
             param_sync_every = self.auto.warmup_steps  # the timed first average; the policy decides the rest
         self.schedule = SyncSchedule(param_sync_every, state_sync_every, state_policy)
         self.drift = DriftMonitor(max_drift, drift_check_every) if max_drift is not None else None
@@ -444,19 +450,21 @@ class DeslocSync:
         start = time.perf_counter()
         self.sync(optimizer, plan)
         k_x, periods = self.auto.decide(time.perf_counter() - start, optimizer_betas(optimizer, keys), self.ledger,
-                                        self.group)
+                                        self.group, total_steps=self.total_steps)
         policy = self.schedule.state_policy
         self.schedule = SyncSchedule(k_x, periods if policy == "average" else None, policy)
         from lightning.fabric.utilities.rank_zero import rank_zero_info
 
         rank_zero_info(
             f"DES-LOC auto periods: step {self.auto.measured['step_time_s'] * 1e3:.1f} ms, average "
-            f"{self.auto.measured['round_time_s'] * 1e3:.1f} ms, budget {self.auto.comm_budget:.0%} -> "
+            f"{self.auto.measured['round_time_s'] * 1e3:.1f} ms, budget {self.auto.comm_budget:.0%}, "
+            f"longest period {self.auto.measured['max_period']:.0f} -> "
             f"param_sync_every={k_x}, state_sync_every={periods}"
         )
         self._emit({"comm/auto/param_sync_every": float(k_x),
                     "comm/auto/step_time_s": self.auto.measured["step_time_s"],
                     "comm/auto/round_time_s": self.auto.measured["round_time_s"],
+                    "comm/auto/max_period": self.auto.measured["max_period"],
                     **{f"comm/auto/state_sync_every/{k}": float(v) for k, v in periods.items()}})
         return plan
 

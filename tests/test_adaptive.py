@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from lightning_desloc import DeslocStrategy
-from lightning_desloc.adaptive import choose_periods, half_life, optimizer_betas
+from lightning_desloc.adaptive import AutoPeriods, choose_periods, half_life, optimizer_betas, period_cap
+from lightning_desloc.ledger import CommLedger
 from test_strategy import N_PARAMS, Regression, quiet_trainer
 
 
@@ -30,6 +31,34 @@ def test_policy_matches_its_formula(step_s, round_s, beta1, beta2):
     assert got == policy_by_hand(step_s, round_s, beta1, beta2)
 
 
+def cap_by_hand(total_steps, min_syncs, lo=8, hi=1024):
+    """Largest power of two <= total_steps / min_syncs, clipped to [lo, hi]."""
+    k = 1
+    while 2 * k <= total_steps / min_syncs:
+        k *= 2
+    return min(max(k, lo), hi)
+
+
+@pytest.mark.parametrize("total, syncs, expected", [
+    (1200, 32, 32), (8192, 32, 256), (64, 32, 8), (10**7, 32, 1024), (1200, 1, 1024), (None, 32, 1024),
+    (math.inf, 32, 1024),
+])
+def test_period_cap_leaves_the_asked_number_of_averages(total, syncs, expected):
+    assert period_cap(total, syncs) == expected
+    if total is not None and math.isfinite(total):
+        assert expected == cap_by_hand(total, syncs)
+
+
+def test_decide_caps_the_time_policy_by_the_run_length():
+    auto = AutoPeriods(warmup_steps=2, comm_budget=0.05, min_param_syncs=32)
+    auto.stamp(0.0), auto.stamp(0.01)  # 10 ms steps; a 80 ms round wants K_x = 256 for a 5 % budget
+    assert auto.decide(0.08, {"exp_avg": 0.9, "exp_avg_sq": 0.999}, CommLedger())[0] == 256
+    k_x, periods = auto.decide(0.08, {"exp_avg": 0.9, "exp_avg_sq": 0.999}, CommLedger(), total_steps=1200)
+    assert (k_x, periods) == (32, {"exp_avg": 96, "exp_avg_sq": 704}) and auto.measured["max_period"] == 32
+    with pytest.raises(ValueError, match="min_param_syncs"):
+        AutoPeriods(min_param_syncs=0)
+
+
 def test_half_lives_and_betas_from_optimizers():
     assert half_life(0.9) == pytest.approx(6.579, abs=1e-3)
     assert half_life(0.9999) == pytest.approx(6931.1, abs=0.1)
@@ -46,11 +75,13 @@ def test_auto_rejects_explicit_state_periods():
         DeslocStrategy(max_drift=0.0)
 
 
-def test_auto_periods_in_a_real_run_follow_the_measured_times(tmp_path):
+@pytest.mark.parametrize("min_syncs", [1, 32])
+def test_auto_periods_in_a_real_run_follow_the_measured_times(tmp_path, min_syncs):
     from lightning.pytorch.loggers import CSVLogger
 
     steps = 64
-    strategy = DeslocStrategy(param_sync_every="auto", comm_budget=0.5, start_method="spawn")
+    strategy = DeslocStrategy(param_sync_every="auto", comm_budget=0.5, min_param_syncs=min_syncs,
+                              start_method="spawn")
     logger = CSVLogger(tmp_path, name="auto", version=0)
     quiet_trainer(strategy=strategy, max_steps=steps, limit_val_batches=0, logger=logger).fit(
         Regression(n_batches=steps))
@@ -58,8 +89,11 @@ def test_auto_periods_in_a_real_run_follow_the_measured_times(tmp_path):
             if r.get("comm/auto/param_sync_every")]
     assert len(rows) == 1
     row = rows[0]
+    # the Trainer's 64 steps cap K_x: at 64 with min_param_syncs=1, at the floor 8 with 32
+    cap = float(row["comm/auto/max_period"])
+    assert cap == cap_by_hand(steps, min_syncs) == {1: 64, 32: 8}[min_syncs]
     k_x, periods = policy_by_hand(float(row["comm/auto/step_time_s"]), float(row["comm/auto/round_time_s"]),
-                                  0.9, 0.999, budget=0.5)
+                                  0.9, 0.999, budget=0.5, hi=cap)
     assert float(row["comm/auto/param_sync_every"]) == k_x
     assert float(row["comm/auto/state_sync_every/exp_avg_sq"]) == periods["exp_avg_sq"]
     # one timed average after the 16 warm-up steps, then the chosen schedule from step 17 on
