@@ -55,7 +55,14 @@ from torch.optim import Optimizer
 from lightning_desloc.averaging import DEFAULT_BUCKET_CAP_BYTES, broadcast_
 from lightning_desloc.compression import Compression
 from lightning_desloc.schedule import StatePolicy, StateSyncEvery, SyncPlan
-from lightning_desloc.sync import CoreAttribute, DeslocSync, MeteredCollectives, close_process_group, float_buffers
+from lightning_desloc.sync import (
+    CoreAttribute,
+    DeslocSync,
+    MeteredCollectives,
+    close_process_group,
+    close_process_group_at_exit,
+    float_buffers,
+)
 
 __all__ = ["DeslocFabricStrategy"]
 
@@ -170,6 +177,7 @@ class DeslocFabricStrategy(MeteredCollectives, DDPStrategy):
     def setup_module(self, module: Module) -> Module:
         """No DDP wrapper: broadcast rank 0's parameters and buffers (ledger ``setup``) and return ``module``."""
         broadcast_([*module.parameters(), *module.buffers()], src=0, ledger=self.ledger, category="setup")
+        close_process_group_at_exit()
         if not any(m is module for m in self._desloc_modules):
             self._desloc_modules.append(module)
         self.core.params_in_sync = True

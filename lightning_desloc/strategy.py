@@ -24,7 +24,14 @@ from lightning_desloc import checkpoint as desloc_checkpoint
 from lightning_desloc.averaging import DEFAULT_BUCKET_CAP_BYTES, broadcast_
 from lightning_desloc.compression import Compression
 from lightning_desloc.schedule import StatePolicy, StateSyncEvery, SyncPlan
-from lightning_desloc.sync import CoreAttribute, DeslocSync, MeteredCollectives, averaged_state_keys, close_process_group
+from lightning_desloc.sync import (
+    CoreAttribute,
+    DeslocSync,
+    MeteredCollectives,
+    averaged_state_keys,
+    close_process_group,
+    close_process_group_at_exit,
+)
 
 __all__ = ["DeslocStrategy", "averaged_state_keys"]
 
@@ -219,6 +226,7 @@ class DeslocStrategy(MeteredCollectives, DDPStrategy):
         self.precision_plugin.convert_module(self.model)
         self.model_to_device()
         self.core.setup_groups()
+        close_process_group_at_exit()  # this process may outlive fit (default launcher, torchrun)
         # No DDP wrapper, so no gradient hooks; start every rank from rank 0's weights instead.
         broadcast_(self._module_tensors(), src=0, ledger=self.ledger, category="setup")
         self.core.params_in_sync = True

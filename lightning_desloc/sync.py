@@ -43,10 +43,12 @@ size 1) nothing is sent and the schedule is still counted::
 
 from __future__ import annotations
 
+import atexit
 import pickle
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from datetime import timedelta
 from typing import Any, Callable, Literal, Optional, Union
 
 import torch
@@ -196,6 +198,34 @@ def close_process_group() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+_exit_hook_registered = False
+
+
+def close_process_group_at_exit(timeout_s: float = 30.0) -> None:
+    """Close the default process group when the interpreter exits, as :func:`close_process_group` does
+    for spawned workers. For processes that live on after ``fit`` (the script launched by the Trainer's
+    default launcher, ``torchrun`` workers). Registered once per process; the wait for the other ranks
+    is bounded by ``timeout_s`` seconds (gloo's monitored barrier), so a rank whose peer crashed still
+    exits."""
+    global _exit_hook_registered
+    if not _exit_hook_registered:
+        atexit.register(_close_at_exit, timeout_s)
+        _exit_hook_registered = True
+
+
+def _close_at_exit(timeout_s: float) -> None:
+    if not (dist.is_available() and dist.is_initialized()):
+        return  # never initialised, or already closed (spawned workers)
+    try:
+        if dist.get_backend() == "gloo":
+            dist.monitored_barrier(timeout=timedelta(seconds=timeout_s))
+        else:
+            dist.barrier()
+    except Exception:  # a peer is gone or stuck: close this rank's side anyway
+        pass
+    dist.destroy_process_group()
 
 
 class CoreAttribute:
