@@ -17,6 +17,9 @@ as :class:`~lightning_desloc.DeslocStrategy` for the Trainer::
     fabric.strategy.reach_consensus()    # every rank ends with the averaged parameters
     print(fabric.strategy.ledger)        # bytes sent, per category, and DDP's bytes for the same steps
 
+``fabric.strategy.log_comm_with(fabric.log_dict)`` sends the ledger (``comm/...``) to the Fabric's loggers
+after every round.
+
 What it does differently from Fabric's ``DDPStrategy``:
 
 * no ``DistributedDataParallel`` wrapper, so no gradient all-reduce: each rank steps on its own
@@ -39,7 +42,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
 from datetime import timedelta
-from typing import Any, Literal, Optional, Union
+from typing import Any, Callable, Literal, Optional, Union
 
 import torch
 from lightning.fabric.accelerators import Accelerator
@@ -227,6 +230,13 @@ class DeslocFabricStrategy(MeteredCollectives, DDPStrategy):
         ``outer_lr`` is set); nothing is sent when the last step already averaged the parameters.
         Returns whether a round ran."""
         return self.core.reach_consensus(self._modules(module))
+
+    def log_comm_with(self, log_dict: Callable[..., Any]) -> None:
+        """After every averaging round, call ``log_dict(metrics, step=s)`` with the ledger's metrics
+        (``comm/bytes/<category>``, ``comm/rounds``, ``comm/ratio_vs_ddp``, ... in bytes) and ``s`` the first
+        optimizer's completed steps. Typically ``fabric.strategy.log_comm_with(fabric.log_dict)``, which sends
+        them to the Fabric's loggers."""
+        self.core.log = lambda metrics: log_dict(metrics, step=self.optimizer_steps[0] if self.optimizer_steps else 0)
 
     def _configure_launcher(self) -> None:
         super()._configure_launcher()

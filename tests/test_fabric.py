@@ -96,6 +96,8 @@ def train(fabric: L.Fabric, cfg: ref.Config, n_calls: int, out_dir: str) -> None
     net = make_net(rank, cfg.seed)
     perturbed = [p.detach().clone() for p in net.parameters()]
     model, optimizer = fabric.setup(net, make_optimizer(cfg, net.parameters()))
+    logged: list[tuple[int, float]] = []
+    fabric.strategy.log_comm_with(lambda metrics, step: logged.append((step, metrics.get("comm/bytes/params", 0.0))))
     params = list(net.parameters())
     history = [snapshot(params, optimizer.optimizer)]
     for call in range(n_calls):
@@ -130,6 +132,7 @@ def train(fabric: L.Fabric, cfg: ref.Config, n_calls: int, out_dir: str) -> None
             "sent": dict(sent),
             "collectives": (float(total), decision, received),
             "ran_final_round": ran_final_round,
+            "logged": logged,
             "strategy_type": type(strategy).__name__,
         },
         f"{out_dir}/rank{rank}.pt",
@@ -218,6 +221,15 @@ def test_fabric_matches_the_reference_and_the_schedule_bytes(tmp_path, name):
         sent = ranks[r]["sent"]
         assert sent["all_reduce"] == sum(schedule.values()) + 8 + 8  # schedule, metrics, boolean decision
         assert sent["broadcast"] == model_bytes + broadcast_bytes
+
+    # log_comm_with: one call per round at the step it followed, with the params bytes sent so far
+    periods = [cfg.param_sync_every, *(cfg.state_sync_every[k] for k in cfg.state_keys())]
+    rounds = [s for s in range(1, n_steps + 1) if any(s % k == 0 for k in periods)]
+    want = [(s, float(s // cfg.param_sync_every * model_bytes)) for s in rounds]
+    if not last_was_sync:
+        want.append((n_steps, float(schedule["params"])))
+    for r in range(WORLD):
+        assert ranks[r]["logged"] == want, f"rank {r}"
 
 
 def test_fabric_registry_and_arguments():
