@@ -237,7 +237,7 @@ class DeslocStrategy(MeteredCollectives, DDPStrategy):
         if fitting:
             _optimizers_to_device(self.optimizers, self.root_device)
             self.core.attach(self.optimizers)
-            self.core.total_steps = float(trainer.estimated_stepping_batches)
+            self.core.total_steps = lambda: float(trainer.estimated_stepping_batches)
 
     def _module_tensors(self) -> list[Tensor]:
         assert self.model is not None

@@ -308,9 +308,11 @@ class DeslocSync:
         log: Optional[Callable[[Metrics], None]] = None,
     ) -> None:
         self.auto: Optional[AutoPeriods] = None
-        #: the run's length in optimizer steps when known (the Trainer's ``estimated_stepping_batches``);
-        #: with ``"auto"`` it caps ``K_x`` to leave ``min_param_syncs`` averages in the run
-        self.total_steps: Optional[float] = None
+        #: the run's length in optimizer steps when known, or a function returning it, called only when
+        #: ``"auto"`` decides (the Trainer's ``estimated_stepping_batches``: asked for at setup it builds the
+        #: train dataloader there, drawing from the RNG a resumed run has just restored); with ``"auto"`` it
+        #: caps ``K_x`` to leave ``min_param_syncs`` averages in the run
+        self.total_steps: Union[None, float, Callable[[], float]] = None
         if param_sync_every == "auto":
             if state_sync_every is not None:
                 raise ValueError("param_sync_every='auto' chooses the state periods too; leave state_sync_every=None")
@@ -479,8 +481,9 @@ class DeslocSync:
         plan = SyncPlan(step, params=True)
         start = time.perf_counter()
         self.sync(optimizer, plan)
+        total_steps = self.total_steps() if callable(self.total_steps) else self.total_steps
         k_x, periods = self.auto.decide(time.perf_counter() - start, optimizer_betas(optimizer, keys), self.ledger,
-                                        self.group, total_steps=self.total_steps)
+                                        self.group, total_steps=total_steps)
         policy = self.schedule.state_policy
         self.schedule = SyncSchedule(k_x, periods if policy == "average" else None, policy)
         from lightning.fabric.utilities.rank_zero import rank_zero_info
