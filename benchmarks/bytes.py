@@ -71,8 +71,8 @@ class CountedMLP(L.LightningModule):
         self.n_samples = n_samples
         self.net = torch.nn.Sequential(
             torch.nn.Linear(64, width), torch.nn.GELU(), torch.nn.Linear(width, width), torch.nn.GELU(),
-            # no bias on the output layer: the parameter count (width * (width + 67)) stays a multiple of
-            # 4, which the int8 decoder in lightning_desloc.compression currently needs (see docs/results.md)
+            # no bias on the output layer: the parameter count (width * (width + 67)) stays a multiple of 4,
+            # as the int8 decoder once needed; kept so that docs/results.md's table stays reproducible
             torch.nn.Linear(width, 1, bias=False),
         )
         self.counter = CollectiveCounter()
