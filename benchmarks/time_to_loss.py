@@ -84,6 +84,8 @@ def main() -> int:
     ap.add_argument("--val-batches", type=int, default=64)
     ap.add_argument("--n-embd", type=int, default=None,
                     help="GPT width (default: the config's 64); wider puts more bytes on the link per step")
+    ap.add_argument("--betas", type=float, nargs=2, metavar=("BETA1", "BETA2"), default=None,
+                    help="AdamW betas of every run (default: the config's 0.9 0.95)")
     ap.add_argument("--seed", type=int, default=None, help="--seed_everything of every run (default: the configs' 1234)")
     ap.add_argument("--rate", default="100mbit")
     ap.add_argument("--loopback", action="store_true", help="no namespaces: both nodes on 127.0.0.1")
@@ -106,6 +108,8 @@ def main() -> int:
         extra.append(f"--seed_everything={args.seed}")
     if args.n_embd is not None:
         extra.append(f"--model.n_embd={args.n_embd}")
+    if args.betas is not None:
+        extra.append(f"--model.betas=[{args.betas[0]},{args.betas[1]}]")
     try:
         if args.smoke:
             ensure_data(args.data_dir, SMOKE_DATA_BYTES, val_every=SMOKE_VAL_EVERY)
@@ -195,8 +199,9 @@ def main() -> int:
         link_desc = f"{args.rate} veth + tc tbf, 2 nodes x 1 process" if use_link else "loopback, 2 nodes x 1 process"
         print()
         grad_mb = ddp.last.get("model/grad_bytes_per_step", float("nan")) / 1e6
+        betas = f"AdamW betas {tuple(args.betas)}" if args.betas else "the config's AdamW betas (0.9, 0.95)"
         print(f"target: DDP's final validation loss after {args.steps} steps = {target:.4f}; link: {link_desc}; "
-              f"batch {args.batch_size} x 128 tokens per rank and step; {grad_mb:.2f} MB of gradients per step")
+              f"batch {args.batch_size} x 128 tokens per rank and step; {grad_mb:.2f} MB of gradients per step; {betas}")
         print()
         print(markdown_table(["run", "steps to target", "train wall clock to target (s)", "ms per step",
                               "last val loss", "speed-up vs DDP", "speed-up vs Local Adam (same K)",
