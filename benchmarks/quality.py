@@ -177,8 +177,15 @@ def main(argv=None) -> dict:
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--betas", type=float, nargs=2, metavar=("BETA1", "BETA2"),
                         help="AdamW betas of the GPT (default: the config's 0.9 0.95); use a fresh --out-dir")
+    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="more train.py overrides for every run, e.g. model.n_embd=128 data.batch_size=4 "
+                             "(passed as --KEY=VALUE); use a fresh --out-dir")
     args = parser.parse_args(argv)
+    bad = [kv for kv in args.set if "=" not in kv or kv.startswith("-")]
+    if bad:
+        parser.error(f"--set takes KEY=VALUE without leading dashes (model.n_embd=128), got {bad}")
     args.model_overrides = [f"--model.betas=[{args.betas[0]},{args.betas[1]}]"] if args.betas else []
+    args.model_overrides += [f"--{kv}" for kv in args.set]
     if args.smoke:
         args.steps, args.k, args.val_every, args.val_batches = 8, 2, 8, 2
         args.max_bytes = 300_000
@@ -232,9 +239,12 @@ def main(argv=None) -> dict:
             fmt_bytes(allb), f"{ddp_bytes / allb:.1f}x" if ddp_bytes and allb else "",
         ])
     del ref_names
-    print(f"\nGPT example ({'smoke' if args.smoke else '4 layers, width 64'}), 2 CPU processes (gloo), "
-          f"{args.steps} steps, global batch 2 x 16 x 128 tokens, seeds {args.seeds}"
-          f"{'; AdamW betas ' + str(tuple(args.betas)) if args.betas else ''}; final val loss = mean ± half "
+    sets = dict(kv.split("=", 1) for kv in args.set)
+    width, batch = sets.get("model.n_embd", "64"), sets.get("data.batch_size", "4" if args.smoke else "16")
+    print(f"\nGPT example ({'smoke' if args.smoke else f'4 layers, width {width}'}), 2 CPU processes (gloo), "
+          f"{args.steps} steps, global batch 2 x {batch} x 128 tokens, seeds {args.seeds}"
+          f"{'; AdamW betas ' + str(tuple(args.betas)) if args.betas else ''}"
+          f"{'; overrides ' + ' '.join(args.set) if args.set else ''}; final val loss = mean ± half "
           f"range over seeds (last validation, {args.val_batches} batches per rank); bytes per rank (rank 0's ledger), "
           f"mean over seeds")
     print(markdown_table(["scheme", "K_x", "final val loss", "per seed", "vs DDP", "vs Local Adam", "vs DES-LOC",
