@@ -127,7 +127,8 @@ def test_time_to_loss_seeds_lines_up_invocations(tmp_path):
     for seed, (des, la_ratio, reached) in {"a": (20.0, 1.5, True), "b": (30.0, 2.0, True), "c": (0, None, False)}.items():
         d = tmp_path / seed
         d.mkdir()
-        runs = {"DDP": run(60.0, ms=90.0, mb=500e6), "DES-LOC (K_x=8)": run(des, reached, la_ratio, ms=30.0)}
+        runs = {"DDP": run(60.0, ms=90.0, mb=500e6), "DES-LOC (K_x=8)": run(des, reached, la_ratio, ms=30.0),
+                "Local Adam (K=8)": run(40.0, ms=45.0)}
         (d / "summary.json").write_text(json.dumps({"target": 2.5, "runs": runs}))
     proc = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "time_to_loss_seeds.py"),
                            str(tmp_path / "a"), str(tmp_path / "b"), str(tmp_path / "c")],
@@ -138,3 +139,4 @@ def test_time_to_loss_seeds_lines_up_invocations(tmp_path):
     # 60/20 = 3x and 60/30 = 2x reached, the third seed did not: mean 2.5x over 2 of 3; per step 90/30 = 3x
     assert cells[1:6] == ["2/3", "3.00x / 2.00x / -", "2.50x", "1.50x / 2.00x / -", "1.75x"]
     assert cells[6] == "3.00x / 3.00x / 3.00x" and cells[7] == "50.00 / 50.00 / -"
+    assert cells[8] == "1.50x / 1.50x / 1.50x"  # Local Adam's 45 ms over DES-LOC's 30 ms per step
