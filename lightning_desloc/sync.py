@@ -564,7 +564,7 @@ class DeslocSync:
             self.drift.remember(params)
         if plan.params and len(self.optimizers) == 1:
             self.params_in_sync = True
-        self._emit(self.ledger.as_dict())
+        self._emit(self.ledger_metrics())
 
     def average_parameters(self, modules: Union[Module, Sequence[Module]], category: str = "params") -> None:
         """Average every parameter and floating buffer of ``modules`` now, exactly (no compression, no
@@ -591,8 +591,16 @@ class DeslocSync:
         self.average_parameters(modules)
         if self.outer is not None:
             self.outer.step(optimizer_params(self.optimizers[0]))
-        self._emit(self.ledger.as_dict())
+        self._emit(self.ledger_metrics())
         return True
+
+    def ledger_metrics(self) -> Metrics:
+        """The ledger as logger metrics (``comm/bytes/<category>``, totals, ratio); with groups, the inner
+        level's ledger too, under ``comm/group/``."""
+        metrics = self.ledger.as_dict()
+        if self.groups is not None:
+            metrics.update(self.group_ledger.as_dict("comm/group/"))
+        return metrics
 
     def _emit(self, metrics: Metrics) -> None:
         if self.log is not None:

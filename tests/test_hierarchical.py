@@ -1,6 +1,8 @@
 """Hierarchical sync on 4 real processes in 2 groups, against a 2-process DES-LOC run whose workers
 each see both batches of a group (the gradient average of a group is the gradient of the joined batch)."""
 
+import csv
+
 import lightning as L
 import pytest
 import torch
@@ -56,8 +58,12 @@ def test_group_ranks_and_bad_sizes():
 
 def test_four_processes_in_two_groups_equal_two_joined_workers(tmp_path):
     periods = dict(param_sync_every=K_X, state_sync_every={"exp_avg": 3, "exp_avg_sq": 6})
+    from lightning.pytorch.loggers import CSVLogger
+
     hier = DeslocStrategy(group_size=2, start_method="spawn", **periods)
-    quiet_trainer(strategy=hier, devices=4, max_steps=STEPS, limit_val_batches=0).fit(GroupProbe(str(tmp_path), False))
+    logger = CSVLogger(tmp_path, name="hier", version=0)
+    quiet_trainer(strategy=hier, devices=4, max_steps=STEPS, limit_val_batches=0, logger=logger,
+                  log_every_n_steps=1).fit(GroupProbe(str(tmp_path), False))
     flat = DeslocStrategy(start_method="spawn", **periods)
     quiet_trainer(strategy=flat, devices=2, max_steps=STEPS, limit_val_batches=0).fit(GroupProbe(str(tmp_path), True))
 
@@ -72,3 +78,7 @@ def test_four_processes_in_two_groups_equal_two_joined_workers(tmp_path):
     assert hier.group_ledger.bytes == {"grads": STEPS * n_params * 8}
     assert hier.ledger.bytes["params"] == flat.ledger.bytes["params"] == (STEPS // K_X) * n_params * 8
     assert hier.ledger.bytes["state/exp_avg_sq"] == n_params * 8
+    # both levels reach the logger at each outer round; the last one, after step 6, has seen every step
+    rows = [r for r in csv.DictReader(open(tmp_path / "hier" / "version_0" / "metrics.csv")) if r.get("comm/group/bytes/grads")]
+    assert [float(r["comm/group/bytes/grads"]) for r in rows] == [K_X * n_params * 8, STEPS * n_params * 8]
+    assert float(rows[-1]["comm/bytes/params"]) == (STEPS // K_X) * n_params * 8
