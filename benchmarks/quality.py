@@ -2,6 +2,7 @@
 
     python benchmarks/quality.py                       # the schemes below, seeds 1 and 2, 300 steps, K_x = 16
     python benchmarks/quality.py --mode sensitivity    # DES-LOC with K_x in {8, 16, 32, 64}; K_v in {16, 96, 288}
+    python benchmarks/quality.py --mode hierarchical   # 4 processes: flat DES-LOC vs 2 groups of 2 (issue 7.3)
     python benchmarks/quality.py --smoke               # a 1-layer GPT on a small corpus, a few steps
 
 Every run is ``python examples/gpt/train.py fit --config configs/gpt-tiny-*.yaml`` plus command-line
@@ -18,6 +19,12 @@ Schemes (``--schemes`` picks some): DDP, Local Adam (K = K_x for everything), ke
 DES-LOC (K_u = 3 K_x, K_v = 6 K_x), and DES-LOC with: bf16 averaging, bf16 parameters + int8 states,
 int8 everywhere, the outer Nesterov step (``outer_lr=0.7, outer_momentum=0.9``), and
 ``param_sync_every="auto"``.
+
+``--mode hierarchical`` runs 4 processes (``--devices``): DDP, flat DES-LOC, and DES-LOC across 2 groups
+of 2 (``group_size=2``) with the gradients all-reduced inside each group every step, or with DES-LOC
+inside the groups too (``group_param_sync_every=4``). "sync bytes" is then the level across groups
+(what would cross the slow link between nodes); "inner bytes" the level inside the groups
+(``comm/group/bytes/...``, the node-local link).
 
 ``--lock FILE`` (or ``$DESLOC_BENCH_LOCK``) holds an exclusive ``flock`` on FILE during each run, so
 that runs of other benchmarks on a shared machine do not overlap with it.
@@ -64,6 +71,10 @@ def scheme_args(name: str, k: int) -> tuple[str, list[str]]:
         "DES-LOC int8": [f"{S}compression=int8"],
         "DES-LOC + outer Nesterov": [f"{S}outer_lr=0.7", f"{S}outer_momentum=0.9"],
     }
+    if name == "DES-LOC groups of 2":
+        return "desloc", base + [f"{S}group_size=2"]
+    if name == "DES-LOC groups of 2, inner K=4":
+        return "desloc", base + [f"{S}group_size=2", f"{S}group_param_sync_every=4"]
     if name == "DES-LOC auto":
         return "desloc", [f"{S}param_sync_every=auto"]
     if name.startswith("DES-LOC K_v="):  # sensitivity: K_u = 3 K_x, K_v as named
@@ -74,6 +85,7 @@ def scheme_args(name: str, k: int) -> tuple[str, list[str]]:
 
 QUALITY_SCHEMES = ("DDP", "Local Adam", "keep-local", "reset", "DES-LOC", "DES-LOC bf16",
                    "DES-LOC bf16 params, int8 states", "DES-LOC int8", "DES-LOC + outer Nesterov", "DES-LOC auto")
+HIERARCHICAL_SCHEMES = ("DDP", "DES-LOC", "DES-LOC groups of 2", "DES-LOC groups of 2, inner K=4")
 SENS_K_X = (8, 16, 32, 64)
 SENS_K_V = (16, 96, 288)
 
@@ -103,8 +115,9 @@ def read_result(run_dir: Path, steps: int) -> dict:
     grad = last.get("model/grad_bytes_per_step")
     cats = {k[len("comm/bytes/"):]: v for k, v in last.items() if k.startswith("comm/bytes/")}
     sync = sum(v for k, v in cats.items() if k.startswith(("params", "buffers", "state/")))
+    inner = sum(v for k, v in last.items() if k.startswith("comm/group/bytes/"))
     out = {"val": val, "final_val_loss": val[-1][1] if val else math.nan, "grad_bytes_per_step": grad,
-           "bytes_by_category": cats, "auto": {k: v for k, v in last.items() if k.startswith("comm/auto/")}}
+           "bytes_by_category": cats, "inner_bytes": inner, "auto": {k: v for k, v in last.items() if k.startswith("comm/auto/")}}
     if cats:
         out["sync_bytes"] = sync
         out["all_bytes"] = sum(v for k, v in cats.items() if k != "setup")
@@ -115,6 +128,8 @@ def read_result(run_dir: Path, steps: int) -> dict:
 
 def run_one(name: str, k: int, seed: int, args, out_dir: Path) -> dict:
     tag = f"{name.replace(' ', '_').replace(',', '').replace('=', '')}-k{k}-s{seed}"
+    if args.devices != 2:
+        tag += f"-d{args.devices}"
     run_dir = out_dir / tag
     done = run_dir / "result.json"
     if done.exists():
@@ -126,7 +141,8 @@ def run_one(name: str, k: int, seed: int, args, out_dir: Path) -> dict:
             "--trainer.enable_progress_bar=false",
             f"--trainer.logger.init_args.save_dir={out_dir}", f"--trainer.logger.init_args.name={tag}",
             "--trainer.logger.init_args.version=0", f"--data.data_dir={args.data_dir}",
-            f"--data.max_bytes={args.max_bytes}", *args.model_overrides, *overrides]
+            f"--data.max_bytes={args.max_bytes}", f"--trainer.devices={args.devices}", *args.model_overrides,
+            *overrides]
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     with locked(args.lock):
         t0 = time.perf_counter()
@@ -161,7 +177,8 @@ def fmt_bytes(n: float) -> str:
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--mode", choices=("quality", "sensitivity"), default="quality")
+    parser.add_argument("--mode", choices=("quality", "sensitivity", "hierarchical"), default="quality")
+    parser.add_argument("--devices", type=int, default=None, help="processes per run (default 2; 4 in hierarchical mode)")
     parser.add_argument("--schemes", nargs="+", help="subset of the schemes (quality mode)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--steps", type=int, default=300)
@@ -181,6 +198,10 @@ def main(argv=None) -> dict:
                         help="more train.py overrides for every run, e.g. model.n_embd=128 data.batch_size=4 "
                              "(passed as --KEY=VALUE); use a fresh --out-dir")
     args = parser.parse_args(argv)
+    if args.devices is None:
+        args.devices = 4 if args.mode == "hierarchical" else 2
+    if args.mode == "hierarchical" and args.devices % 2:
+        parser.error(f"--mode hierarchical needs an even --devices (groups of 2), got {args.devices}")
     bad = [kv for kv in args.set if "=" not in kv or kv.startswith("-")]
     if bad:
         parser.error(f"--set takes KEY=VALUE without leading dashes (model.n_embd=128), got {bad}")
@@ -200,6 +221,8 @@ def main(argv=None) -> dict:
     if args.mode == "quality":
         runs = [(s, args.k) for s in (args.schemes or (QUALITY_SCHEMES[:3] + ("DES-LOC",) if args.smoke
                                                          else QUALITY_SCHEMES))]
+    elif args.mode == "hierarchical":
+        runs = [(s, args.k) for s in (args.schemes or HIERARCHICAL_SCHEMES)]
     else:
         runs = [("DES-LOC", k) for k in SENS_K_X] + [(f"DES-LOC K_v={kv}", args.k) for kv in SENS_K_V]
         if not args.smoke:
@@ -223,7 +246,7 @@ def main(argv=None) -> dict:
         allb = statistics.mean(r["all_bytes"] for r in rs)
         row = {"scheme": name, "k": k, "mean": m, "spread": spread, "losses": [r["final_val_loss"] for r in rs],
                "sync_bytes": sync, "all_bytes": allb, "seconds": [r["seconds"] for r in rs],
-               "auto": rs[0].get("auto")}
+               "auto": rs[0].get("auto"), "inner_bytes": statistics.mean(r.get("inner_bytes", 0.0) for r in rs)}
         rel = {}
         for ref, label in (("DDP", "DDP"), ("Local Adam", "Local Adam"), ("DES-LOC", "DES-LOC")):
             key = (ref, args.k)
@@ -237,18 +260,20 @@ def main(argv=None) -> dict:
             *(f"{rel[l]:+.2f}%" if l in rel else "" for l in ("DDP", "Local Adam", "DES-LOC")),
             fmt_bytes(sync), f"{ddp_bytes / sync:.1f}x" if ddp_bytes and sync else "",
             fmt_bytes(allb), f"{ddp_bytes / allb:.1f}x" if ddp_bytes and allb else "",
+            *([fmt_bytes(row["inner_bytes"]) if row["inner_bytes"] else "-"] if args.mode == "hierarchical" else []),
         ])
     del ref_names
     sets = dict(kv.split("=", 1) for kv in args.set)
     width, batch = sets.get("model.n_embd", "64"), sets.get("data.batch_size", "4" if args.smoke else "16")
-    print(f"\nGPT example ({'smoke' if args.smoke else f'4 layers, width {width}'}), 2 CPU processes (gloo), "
-          f"{args.steps} steps, global batch 2 x {batch} x 128 tokens, seeds {args.seeds}"
+    print(f"\nGPT example ({'smoke' if args.smoke else f'4 layers, width {width}'}), {args.devices} CPU processes "
+          f"(gloo), {args.steps} steps, global batch {args.devices} x {batch} x 128 tokens, seeds {args.seeds}"
           f"{'; AdamW betas ' + str(tuple(args.betas)) if args.betas else ''}"
           f"{'; overrides ' + ' '.join(args.set) if args.set else ''}; final val loss = mean ± half "
           f"range over seeds (last validation, {args.val_batches} batches per rank); bytes per rank (rank 0's ledger), "
           f"mean over seeds")
     print(markdown_table(["scheme", "K_x", "final val loss", "per seed", "vs DDP", "vs Local Adam", "vs DES-LOC",
-                          "sync bytes", "x fewer (sync)", "all bytes", "x fewer (all)"], rows))
+                          "sync bytes", "x fewer (sync)", "all bytes", "x fewer (all)",
+                          *(["inner bytes"] if args.mode == "hierarchical" else [])], rows))
     autos = [(key, row["auto"]) for key, row in summary.items() if row.get("auto")]
     for key, auto in autos:
         print(f"{key}: chose " + ", ".join(f"{k.split('/')[-1]}={v:g}" for k, v in auto.items()))
@@ -286,7 +311,7 @@ def plot(results: dict, args, path: Path) -> None:
     ax2.set_xlabel("MB sent per rank (ledger, setup excluded)")
     ax2.set_ylabel("final validation loss (mean ± half range)")
     ax2.grid(alpha=0.3, which="both")
-    fig.suptitle(f"GPT example, 2 CPU processes, {args.steps} steps, K_x={args.k}, seeds {args.seeds}", fontsize=10)
+    fig.suptitle(f"GPT example, {args.devices} CPU processes, {args.steps} steps, K_x={args.k}, seeds {args.seeds}", fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
