@@ -5,9 +5,9 @@ built and removed here, root only). Each run is ``examples/gpt/train.py fit --co
 configs/gpt-tiny-{ddp,local-adam,desloc}.yaml`` with ``--trainer.num_nodes=2 --trainer.devices=1``,
 one node per namespace, plus the same overrides for all runs:
 
-* ``--data.batch_size`` (default 1 sequence of 128 bytes per rank and step): a small per-step
-  compute (~12 ms here) so that the run is in the slow-link regime, where DDP's per-step gradient
-  all-reduce (898,560 bytes, ~72 ms at 12.5 MB/s) costs several times the step's computation;
+* ``--model.n_embd`` (default 128: 842,496 parameters) and ``--data.batch_size`` (default 2 sequences
+  of 128 bytes per rank and step): a small per-step compute (~30 ms here) against DDP's per-step
+  gradient all-reduce (3,369,984 bytes, ~270 ms at 12.5 MB/s), the slow-link regime;
 * ``--model.min_lr_ratio=1.0``: constant learning rate after warm-up, so that the learning-rate schedule
   does not depend on ``max_steps`` and runs of different lengths are comparable step by step;
 * validation every ``--val-every`` steps on ``--val-batches`` batches (the consensus model under DES-LOC).
@@ -20,7 +20,7 @@ validation passes (identical work in every run). Time to target = clock at the f
 below the target. Speed-ups are ratios of those times, all from this one invocation. Bytes to the
 target are the strategy's ledger (rank 0) at that validation; for DDP one gradient per step.
 
-    sudo python benchmarks/time_to_loss.py                 # ~9 minutes
+    sudo python benchmarks/time_to_loss.py                 # ~8.5 minutes
     python benchmarks/time_to_loss.py --smoke              # tiny model and corpus, seconds
 """
 
@@ -49,6 +49,11 @@ def time_to(metrics: Metrics, target: float) -> Optional[tuple[int, float]]:
     return None
 
 
+def run_dir_name(label: str) -> str:
+    """The directory under ``--out`` of the run labelled ``label`` ("DES-LOC (K_x=8)" -> "des-loc-k_x8")."""
+    return label.lower().replace(" ", "-").replace("=", "").replace("(", "").replace(")", "").replace(",", "")
+
+
 def plot(results: dict[str, Metrics], target: float, path: Path, title: str) -> None:
     import matplotlib
 
@@ -56,6 +61,15 @@ def plot(results: dict[str, Metrics], target: float, path: Path, title: str) -> 
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
+    draw(ax, results, target, title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def draw(ax, results: dict[str, Metrics], target: float, title: str) -> None:
+    """Validation loss against training wall clock, one line per run, the target dashed."""
     for label, m in results.items():
         pts = [(t, loss) for _, loss, t, _ in m.val if t is not None]
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", markersize=3, label=label)
@@ -65,25 +79,21 @@ def plot(results: dict[str, Metrics], target: float, path: Path, title: str) -> 
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="tiny model and corpus, few steps; loopback when not root")
     ap.add_argument("--steps", type=int, default=600, help="DDP's max_steps (the target is its final val loss)")
-    ap.add_argument("--k", nargs="+", default=["8", "16", "auto"],
+    ap.add_argument("--k", nargs="+", default=["8", "auto"],
                     help="K (= K_x for DES-LOC) values to run; 'auto' runs DES-LOC with param_sync_every=auto only")
     ap.add_argument("--comm-budget", type=float, default=None, help="with --k auto: the strategy's comm_budget")
     ap.add_argument("--local-factor", type=float, default=2.0, help="local runs stop at the target or this x steps")
-    ap.add_argument("--batch-size", type=int, default=1)
+    ap.add_argument("--batch-size", type=int, default=2)
     ap.add_argument("--val-every", type=int, default=25)
-    ap.add_argument("--val-batches", type=int, default=64)
-    ap.add_argument("--n-embd", type=int, default=None,
-                    help="GPT width (default: the config's 64); wider puts more bytes on the link per step")
+    ap.add_argument("--val-batches", type=int, default=32)
+    ap.add_argument("--n-embd", type=int, default=128,
+                    help="GPT width (the config has 64); wider puts more bytes on the link per step")
     ap.add_argument("--betas", type=float, nargs=2, metavar=("BETA1", "BETA2"), default=None,
                     help="AdamW betas of every run (default: the config's 0.9 0.95)")
     ap.add_argument("--seed", type=int, default=None, help="--seed_everything of every run (default: the configs' 1234)")
@@ -101,6 +111,7 @@ def main() -> int:
     if args.smoke:
         tmp = tempfile.mkdtemp(prefix="ttl_smoke_")
         args.steps, args.k, args.val_every, args.val_batches, args.batch_size = 6, [2], 3, 2, 2
+        args.n_embd = None  # the smoke model's own width
         args.out, args.png, args.data_dir, args.timeout = f"{tmp}/runs", f"{tmp}/ttl.png", f"{tmp}/data", 180
         extra += SMOKE_MODEL
     extra += [f"--data.data_dir={args.data_dir}", f"--data.batch_size={args.batch_size}",
@@ -131,7 +142,7 @@ def main() -> int:
         commands: dict[str, list[str]] = {}
 
         def run(label: str, config: str, k: Optional[int], max_steps: int, stop_below: Optional[float]) -> Metrics:
-            name = label.lower().replace(" ", "-").replace("=", "").replace("(", "").replace(")", "").replace(",", "")
+            name = run_dir_name(label)
             argv = gpt_argv(config, save_dir=out, name=name, k=k, extra=(*extra, f"--trainer.max_steps={max_steps}"))
             commands[label] = argv
             if args.analyze_only:

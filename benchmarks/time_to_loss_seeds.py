@@ -23,6 +23,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import markdown_table  # noqa: E402
+from gptrun import read_metrics  # noqa: E402
+from time_to_loss import draw, run_dir_name  # noqa: E402
 
 
 def fmt(values: list[float | None], unit: str = "x") -> str:
@@ -37,6 +39,7 @@ def mean_of(values: list[float | None]) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("runs", nargs="+", help="--out directories of time_to_loss.py (each with summary.json)")
+    ap.add_argument("--png", help="also draw each invocation's validation loss against wall clock, side by side")
     args = ap.parse_args(argv)
     summaries = [json.loads((Path(d) / "summary.json").read_text()) for d in args.runs]
     labels: list[str] = []
@@ -68,7 +71,26 @@ def main(argv: list[str] | None = None) -> int:
     print(markdown_table(["run", "reached", "speed-up vs DDP (per seed)", "mean (reached)",
                           "vs Local Adam, same K (per seed)", "mean (reached)", "per step vs DDP",
                           "MB to target (per seed)", "per step vs Local Adam, same K"], rows))
+    if args.png:
+        plot(args.runs, summaries, Path(args.png))
+        print(f"plot: {args.png}")
     return 0
+
+
+def plot(dirs: list[str], summaries: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(dirs), figsize=(5.2 * len(dirs), 4.2), sharey=True, squeeze=False)
+    for ax, d, s in zip(axes[0], dirs, summaries):
+        results = {label: read_metrics(Path(d) / run_dir_name(label)) for label in s["runs"]}
+        draw(ax, results, s["target"], Path(d).name)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
