@@ -212,27 +212,28 @@ def _average(tensor_lists: list[list[Tensor]]) -> list[Tensor]:
 
 
 # ----------------------------------------------------------------------------- the M-worker run
+
+def local_step(cfg: Config, team: list[Worker], call: int, step: int) -> bool:
+    """Every worker's local optimizer step ``step`` on its gradient for batch ``call`` (clipped first
+    when ``cfg.clip_norm`` is set). A non-finite gradient on any worker skips the step everywhere, as an
+    AMP grad scaler does: nothing changes and False is returned."""
+    grads = [gradient(cfg, w.params, m, call) for m, w in enumerate(team)]
+    if any(not torch.isfinite(g).all() for gs in grads for g in gs):
+        return False
+    lr = cfg.lr_at(step)
+    for w, gs in zip(team, grads):
+        if cfg.clip_norm is not None:
+            clip_(gs, cfg.clip_norm)
+        (sgd_update if cfg.optimizer == "sgd" else adam_update)(cfg, w, gs, lr)
+    return True
+
 def simulate(cfg: Config, n_calls: int, workers: int = 2, init: Optional[list[Tensor]] = None) -> list[list[dict]]:
     """Run ``n_calls`` optimizer-step calls on ``workers`` workers.
 
     Returns ``history`` with ``history[c][m]`` the snapshot (params, state, step) of worker ``m`` right
     after call ``c`` and its averaging round; ``history[0]`` is the start, so ``len == n_calls + 1``.
     """
-    init = start_params(0, cfg.seed) if init is None else init
-    team = [Worker(params=[p.clone() for p in init]) for _ in range(workers)]
-    history = [[w.snapshot() for w in team]]
-    s = 0  # completed optimizer steps (equal on every worker)
-    for call in range(n_calls):
-        grads = [gradient(cfg, w.params, m, call) for m, w in enumerate(team)]
-        if any(not torch.isfinite(g).all() for gs in grads for g in gs):
-            history.append([w.snapshot() for w in team])  # skipped: nothing changes, not counted
-            continue
-        s += 1
-        lr = cfg.lr_at(s)
-        for w, gs in zip(team, grads):
-            if cfg.clip_norm is not None:
-                clip_(gs, cfg.clip_norm)
-            (sgd_update if cfg.optimizer == "sgd" else adam_update)(cfg, w, gs, lr)
+    def average_due(team: list[Worker], s: int) -> None:
         if s % cfg.param_sync_every == 0:
             mean = _average([w.params for w in team])
             for w in team:
@@ -242,8 +243,8 @@ def simulate(cfg: Config, n_calls: int, workers: int = 2, init: Optional[list[Te
                 mean = _average([w.state[key] for w in team])
                 for w in team:
                     w.state[key] = [v.clone() for v in mean]
-        history.append([w.snapshot() for w in team])
-    return history
+
+    return _run(cfg, n_calls, workers, init, average_due)
 
 
 def simulate_two_level(
@@ -266,12 +267,9 @@ def simulate_two_level(
     When both are due the world mean wins (it is also the mean of the group means). Written from these
     rules alone, without the package's schedule or averaging code. Returns the history as :func:`simulate`.
     """
-    init = start_params(0, cfg.seed) if init is None else init
-    team = [Worker(params=[p.clone() for p in init]) for _ in range(workers)]
     groups = [list(range(start, start + group_size)) for start in range(0, workers, group_size)]
-    history = [[w.snapshot() for w in team]]
 
-    def average_over(members: list[int], get, put) -> None:
+    def average_over(team: list[Worker], members: list[int], get, put) -> None:
         mean = _average([get(team[m]) for m in members])
         for m in members:
             put(team[m], [t.clone() for t in mean])
@@ -279,23 +277,12 @@ def simulate_two_level(
     def put_params(w: Worker, value: list[Tensor]) -> None:
         w.params = value
 
-    s = 0
-    for call in range(n_calls):
-        grads = [gradient(cfg, w.params, m, call) for m, w in enumerate(team)]
-        if any(not torch.isfinite(g).all() for gs in grads for g in gs):
-            history.append([w.snapshot() for w in team])
-            continue
-        s += 1
-        lr = cfg.lr_at(s)
-        for w, gs in zip(team, grads):
-            if cfg.clip_norm is not None:
-                clip_(gs, cfg.clip_norm)
-            (sgd_update if cfg.optimizer == "sgd" else adam_update)(cfg, w, gs, lr)
+    def average_due(team: list[Worker], s: int) -> None:
         if s % group_param_sync_every == 0:
             for members in groups:
-                average_over(members, lambda w: w.params, put_params)
+                average_over(team, members, lambda w: w.params, put_params)
         if s % cfg.param_sync_every == 0:
-            average_over(list(range(workers)), lambda w: w.params, put_params)
+            average_over(team, list(range(workers)), lambda w: w.params, put_params)
         for key in cfg.state_keys():
             def get(w: Worker, key: str = key) -> list[Tensor]:
                 return w.state[key]
@@ -305,9 +292,24 @@ def simulate_two_level(
 
             if s % group_state_sync_every[key] == 0:
                 for members in groups:
-                    average_over(members, get, put)
+                    average_over(team, members, get, put)
             if s % cfg.state_sync_every[key] == 0:
-                average_over(list(range(workers)), get, put)
+                average_over(team, list(range(workers)), get, put)
+
+    return _run(cfg, n_calls, workers, init, average_due)
+
+
+def _run(cfg: Config, n_calls: int, workers: int, init: Optional[list[Tensor]], average_due) -> list[list[dict]]:
+    """The simulators' common loop: a local step on every worker, then ``average_due(team, s)`` after
+    completed step ``s``; a skipped step (non-finite gradient) changes nothing and is not counted."""
+    init = start_params(0, cfg.seed) if init is None else init
+    team = [Worker(params=[p.clone() for p in init]) for _ in range(workers)]
+    history = [[w.snapshot() for w in team]]
+    s = 0  # completed optimizer steps (equal on every worker)
+    for call in range(n_calls):
+        if local_step(cfg, team, call, s + 1):
+            s += 1
+            average_due(team, s)
         history.append([w.snapshot() for w in team])
     return history
 
