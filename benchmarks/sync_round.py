@@ -48,10 +48,9 @@ def worker(args: argparse.Namespace) -> None:
     torch.set_num_threads(1)
 
     class TimedDesloc(DeslocStrategy):
-        """The package's strategy; only the method that runs a schedule round is wrapped (a barrier, then
-        a clock around it). That is ``sync`` of the strategy's framework-independent core when it has one
-        (``strategy.core``), else the strategy's own ``sync``; the wrapper is set on the instance, so the
-        strategy's own calls go through it."""
+        """The package's strategy; only the schedule's round is wrapped (a barrier, then a clock around
+        it): the averaging call of the core's outermost level (``core.levels[-1].comm.average_``), set
+        on that Comm instance, so the core's own calls go through it."""
 
         def __init__(self, *a, **kw) -> None:
             super().__init__(*a, **kw)
@@ -59,19 +58,20 @@ def worker(args: argparse.Namespace) -> None:
 
         def setup(self, trainer) -> None:
             super().setup(trainer)
-            owner = getattr(self, "core", self)
-            inner = owner.sync
+            comm = self.core.levels[-1].comm
+            inner = comm.average_
 
-            def timed_sync(optimizer, plan, with_buffers: bool = True) -> None:
+            def timed_round(tensors_by_category, **kwargs) -> None:
                 dist.barrier()
                 before = self.ledger.total_bytes
                 start = time.perf_counter()
-                inner(optimizer, plan, with_buffers=with_buffers)
+                inner(tensors_by_category, **kwargs)
                 elapsed = time.perf_counter() - start
-                self.timings.append({"step": plan.step, "params": bool(plan.params), "states": sorted(plan.states),
-                                     "bytes": self.ledger.total_bytes - before, "seconds": elapsed})
+                states = sorted(c[len("state/"):] for c in tensors_by_category if c.startswith("state/"))
+                self.timings.append({"step": self.core.optimizer_steps[0], "params": "params" in tensors_by_category,
+                                     "states": states, "bytes": self.ledger.total_bytes - before, "seconds": elapsed})
 
-            owner.sync = timed_sync
+            comm.average_ = timed_round
 
     class Blob(pl.LightningModule):
         def __init__(self, width: int, layers: int) -> None:

@@ -9,6 +9,8 @@ from lightning.fabric.strategies import STRATEGY_REGISTRY as FABRIC_STRATEGY_REG
 from lightning.pytorch.strategies import StrategyRegistry
 
 from lightning_desloc.averaging import average_, broadcast_
+from lightning_desloc.comm import Comm
+from lightning_desloc.config import AutoConfig, DeslocConfig, DriftConfig, HierarchyConfig, OuterConfig
 from lightning_desloc.fabric import DeslocFabricStrategy
 from lightning_desloc.ledger import CommLedger
 from lightning_desloc.schedule import SyncPlan, SyncSchedule, default_state_periods
@@ -19,7 +21,13 @@ DeslocStrategy.register_strategies(StrategyRegistry)
 DeslocFabricStrategy.register_strategies(FABRIC_STRATEGY_REGISTRY)
 
 __all__ = [
+    "AutoConfig",
+    "Comm",
     "CommLedger",
+    "DeslocConfig",
+    "DriftConfig",
+    "HierarchyConfig",
+    "OuterConfig",
     "DeslocFabricStrategy",
     "DeslocStrategy",
     "DeslocSync",

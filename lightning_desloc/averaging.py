@@ -56,10 +56,6 @@ def _unflatten_into(flat: Tensor, bucket: Sequence[Tensor]) -> None:
         offset += n
 
 
-def _world_size(group: Optional[Any]) -> int:
-    return dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
-
-
 def average_(
     tensors_by_category: Mapping[str, Sequence[Tensor]],
     ledger: Optional[CommLedger] = None,
@@ -67,7 +63,9 @@ def average_(
     bucket_cap_bytes: int = DEFAULT_BUCKET_CAP_BYTES,
     compression: Optional[CompressionPlan] = None,
 ) -> None:
-    """Replace every tensor by its mean over the ranks of ``group``, in one coalesced round.
+    """Replace every tensor by its mean over the ranks of ``group``, in one coalesced round, recording
+    the bytes in ``ledger``: :meth:`Comm.average_ <lightning_desloc.comm.Comm.average_>` for callers
+    that hold no :class:`~lightning_desloc.comm.Comm`.
 
     Args:
         tensors_by_category: tensors to average, keyed by ledger category (``"params"``,
@@ -78,9 +76,25 @@ def average_(
         compression: categories it names travel encoded (see :mod:`lightning_desloc.compression`) in
             one all-gather issued with the round's all-reduces; the rest are all-reduced exactly.
     """
-    world = _world_size(group)
-    if world == 1 or not any(tensors_by_category.values()):
-        return  # nothing to average and nothing sent
+    from lightning_desloc.comm import Comm
+
+    Comm(ledger, group).average_(tensors_by_category, bucket_cap_bytes=bucket_cap_bytes, compression=compression)
+
+
+def average_round(
+    tensors_by_category: Mapping[str, Sequence[Tensor]],
+    world: int,
+    group: Optional[Any],
+    bucket_cap_bytes: int,
+    compression: Optional[CompressionPlan] = None,
+) -> dict[str, int]:
+    """How a round averages, for a group of ``world`` ranks: returns the payload bytes per category.
+
+    Exact categories are grouped by dtype and device, packed into flat buckets of at most
+    ``bucket_cap_bytes``, all-reduced asynchronously (a sum) and divided by ``world``; compressed
+    ones travel in one all-gather beside them. Called by :class:`~lightning_desloc.comm.Comm`, which
+    checks the group and records the bytes.
+    """
     exact: list[Tensor] = []
     coded: list[tuple[str, Sequence[Tensor], Any]] = []
     sent: dict[str, int] = defaultdict(int)
@@ -94,8 +108,6 @@ def average_(
         else:
             coded.append((cat, ts, memory))
             sent[cat] += memory.codec.nbytes(sum(t.numel() for t in ts))
-    if ledger is not None:
-        ledger.record(sent)
 
     by_kind: dict[tuple[torch.dtype, torch.device], list[Tensor]] = defaultdict(list)
     for t in exact:
@@ -116,6 +128,7 @@ def average_(
             _unflatten_into(flat, bucket)
         if gathered is not None:
             _finish_coded_round(coded, world, *gathered)
+    return dict(sent)
 
 
 def _start_coded_round(coded, world, group):
@@ -182,11 +195,15 @@ def broadcast_(
     group: Optional[Any] = None,
     bucket_cap_bytes: int = DEFAULT_BUCKET_CAP_BYTES,
 ) -> None:
-    """Overwrite ``tensors`` on every rank with rank ``src``'s values, coalesced like :func:`average_`."""
-    if not tensors or _world_size(group) == 1:
-        return
-    if ledger is not None:
-        ledger.record({category: sum(_nbytes(t) for t in tensors)})
+    """Overwrite ``tensors`` on every rank with rank ``src``'s values, coalesced like :func:`average_`
+    (:meth:`Comm.broadcast_ <lightning_desloc.comm.Comm.broadcast_>` for callers without a Comm)."""
+    from lightning_desloc.comm import Comm
+
+    Comm(ledger, group).broadcast_(tensors, src=src, category=category, bucket_cap_bytes=bucket_cap_bytes)
+
+
+def broadcast_round(tensors: Sequence[Tensor], src: int, group: Optional[Any], bucket_cap_bytes: int) -> int:
+    """How a broadcast goes: same-kind tensors in flat buckets from rank ``src``; returns the payload bytes."""
     by_kind: dict[tuple[torch.dtype, torch.device], list[Tensor]] = defaultdict(list)
     for t in tensors:
         by_kind[(t.dtype, t.device)].append(t)
@@ -196,3 +213,4 @@ def broadcast_(
                 flat = torch.cat([t.detach().reshape(-1) for t in bucket])
                 dist.broadcast(flat, src=src, group=group)
                 _unflatten_into(flat, bucket)
+    return sum(_nbytes(t) for t in tensors)

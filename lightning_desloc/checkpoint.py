@@ -41,28 +41,24 @@ import hashlib
 import io
 import json
 import os
-import pickle
 import random
 import shutil
 import uuid
+from collections.abc import Mapping, Sequence
 from contextlib import suppress
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import torch
-import torch.distributed as dist
-from lightning.fabric.utilities.types import _PATH
-from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
+from torch.nn import Module
 
-from lightning_desloc.averaging import average_
-from lightning_desloc.schedule import NEVER_AVERAGED_KEYS, SyncSchedule
+from lightning_desloc.options import is_averaged
 
 if TYPE_CHECKING:
-    from lightning_desloc.strategy import DeslocStrategy
+    from lightning_desloc.sync import DeslocSync
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 #: key of the DES-LOC metadata in the main checkpoint file
 META_KEY = "desloc"
 SHARDS_SUFFIX = ".shards"
@@ -75,6 +71,31 @@ OK, RESIZED, MISSING, BAD = 0, 1, 2, 3
 
 class CheckpointShardError(RuntimeError):
     """A shard of a DES-LOC checkpoint is truncated, corrupt or belongs to another checkpoint or model."""
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where a checkpoint dict keeps what DES-LOC averages and restores per rank.
+
+    The Trainer's checkpoint keeps the module's state dict under ``"state_dict"`` and a list of optimizer
+    state dicts (in the order of the core's optimizers) under ``"optimizer_states"``: the defaults.
+    A Fabric checkpoint keeps whatever the user named: ``modules`` and ``optimizers`` list those keys
+    (an optimizer key maps to the optimizer's index among the core's)."""
+
+    modules: tuple[str, ...] = ("state_dict",)
+    optimizer_list: Optional[str] = "optimizer_states"
+    optimizers: Mapping[str, int] = field(default_factory=dict)
+
+    def optimizer_entries(self, checkpoint: Mapping[str, Any]) -> list[tuple[str, Optional[int], int]]:
+        """``(key, position in the list or None, optimizer index)`` of every optimizer state dict present."""
+        out: list[tuple[str, Optional[int], int]] = []
+        if self.optimizer_list is not None and checkpoint.get(self.optimizer_list) is not None:
+            out.extend((self.optimizer_list, i, i) for i in range(len(checkpoint[self.optimizer_list])))
+        out.extend((key, None, index) for key, index in self.optimizers.items() if checkpoint.get(key) is not None)
+        return out
+
+    def get(self, checkpoint: Mapping[str, Any], key: str, position: Optional[int]) -> Any:
+        return checkpoint[key] if position is None else checkpoint[key][position]
 
 
 @dataclass
@@ -98,23 +119,7 @@ def _fault_point(name: str, path: str) -> None:
     """No-op hook called at the risky moments of a save; tests replace it to inject crashes."""
 
 
-def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size(), dist.get_rank()
-    return 1, 0
-
-
-def _all_gather_object(obj: Any, strategy: "DeslocStrategy") -> list[Any]:
-    world, _ = _world()
-    if world == 1:
-        return [obj]
-    out: list[Any] = [None] * world
-    dist.all_gather_object(out, obj)
-    strategy.ledger.record({"control": len(pickle.dumps(obj)) * world})
-    return out
-
-
-def shard_root(filepath: _PATH, resolve_links: bool = False) -> str:
+def shard_root(filepath: Any, resolve_links: bool = False) -> str:
     """The shard directory of main file ``filepath``. Loading resolves symlinks (``save_last="link"``)
     so that ``last.ckpt`` finds the shards of the file it points to; saving never does."""
     path = os.path.realpath(filepath) if resolve_links else os.path.abspath(filepath)
@@ -165,11 +170,12 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def model_fingerprint(module: torch.nn.Module) -> str:
-    """Hash of the state-dict keys, shapes and dtypes: equal for the same architecture, else different."""
-    items = [
-        (name, list(t.shape), str(t.dtype)) for name, t in module.state_dict().items() if isinstance(t, Tensor)
-    ]
+def model_fingerprint(module: Any) -> str:
+    """Hash of the state-dict keys, shapes and dtypes of a module (or of a list of modules' state dicts):
+    equal for the same architecture, else different."""
+    parts = [module] if isinstance(module, Module) else list(module)
+    state_dicts = [m.state_dict() if isinstance(m, Module) else m for m in parts]
+    items = [(name, list(t.shape), str(t.dtype)) for sd in state_dicts for name, t in sd.items() if isinstance(t, Tensor)]
     return hashlib.sha256(json.dumps(items).encode()).hexdigest()[:16]
 
 
@@ -201,47 +207,11 @@ def _restore_rng(state: dict[str, Any]) -> None:
             torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _merge_ledger(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, Any]:
-    """The saved ledger plus what this process has sent since it started (setup broadcast, control)."""
-    out = {
-        "bytes": dict(saved["bytes"]),
-        "rounds_by_category": dict(saved["rounds_by_category"]),
-        "rounds": saved["rounds"] + current["rounds"],
-        "ddp_equivalent_bytes": saved["ddp_equivalent_bytes"] + current["ddp_equivalent_bytes"],
-    }
-    for key in ("bytes", "rounds_by_category"):
-        for cat, value in current[key].items():
-            out[key][cat] = out[key].get(cat, 0) + value
-    return out
-
-
 # ----------------------------------------------------------------------------------------- saving
-def _local_state_dict(strategy: "DeslocStrategy", state_dict: dict[str, Any]) -> dict[str, Any]:
-    """During consensus validation the live parameters are the consensus and the rank's own values are
-    stashed; a shard must hold the rank's own values."""
-    stash = getattr(strategy, "_stashed_local", None)
-    if stash is None or strategy.model is None:
-        return state_dict
-    model = strategy.model
-    names = [n for n, _ in model.named_parameters()] + [n for n, b in model.named_buffers() if b.is_floating_point()]
-    out = dict(state_dict)
-    for name, local in zip(names, stash):
-        if name in out:
-            out[name] = local
-    return out
-
-
-def _is_averaged_state(key: str, value: Any, param: Optional[Tensor]) -> bool:
-    if key in NEVER_AVERAGED_KEYS or not isinstance(value, Tensor) or not value.is_floating_point():
-        return False
-    return value.dim() > 0 or (param is not None and param.dim() == 0)
-
-
-def consensus_copies(
-    strategy: "DeslocStrategy", state_dict: dict[str, Any], optimizer_states: Optional[list[dict[str, Any]]]
-) -> tuple[dict[str, Any], Optional[list[dict[str, Any]]]]:
-    """Copies of ``state_dict`` and ``optimizer_states`` with every floating tensor replaced by its mean
-    over ranks, in one coalesced round (ledger category ``"checkpoint"``). The inputs are not modified."""
+def consensus_copies(core: "DeslocSync", checkpoint: dict[str, Any], layout: Layout = Layout()) -> dict[str, Any]:
+    """A copy of ``checkpoint`` whose module and optimizer state dicts have every averaged tensor replaced
+    by its mean over ranks, in one coalesced round (ledger category ``"checkpoint"``). The input is not
+    modified; counters (``step``) and integer buffers stay as they are (equal on every rank)."""
     tensors: list[Tensor] = []
 
     def copy(t: Tensor) -> Tensor:
@@ -249,44 +219,42 @@ def consensus_copies(
         tensors.append(c)
         return c
 
-    sd = {k: copy(v) if isinstance(v, Tensor) and v.is_floating_point() else v for k, v in state_dict.items()}
-    opt_states = None
-    if optimizer_states is not None:
-        opt_states = []
-        for i, osd in enumerate(optimizer_states):
-            params: list[Tensor] = []
-            if i < len(strategy.optimizers):
-                params = [p for g in strategy.optimizers[i].param_groups for p in g["params"]]
-            state = {}
-            for idx, per_param in osd.get("state", {}).items():
-                p = params[idx] if isinstance(idx, int) and idx < len(params) else None
-                state[idx] = {
-                    key: copy(v) if _is_averaged_state(key, v, p) else v for key, v in per_param.items()
-                }
-            opt_states.append({**osd, "state": state})
-    average_({LEDGER_CATEGORY: tensors}, strategy.ledger, bucket_cap_bytes=strategy.bucket_cap_bytes)
-    return sd, opt_states
+    out = dict(checkpoint)
+    for key in layout.modules:
+        if isinstance(checkpoint.get(key), Mapping):
+            out[key] = {k: copy(v) if isinstance(v, Tensor) and v.is_floating_point() else v
+                        for k, v in checkpoint[key].items()}
+    if layout.optimizer_list is not None and checkpoint.get(layout.optimizer_list) is not None:
+        out[layout.optimizer_list] = list(checkpoint[layout.optimizer_list])
+    for key, position, index in layout.optimizer_entries(checkpoint):
+        osd = layout.get(checkpoint, key, position)
+        params = [p for g in core.optimizers[index].param_groups for p in g["params"]] if index < len(core.optimizers) else []
+        state = {}
+        for idx, per_param in osd.get("state", {}).items():
+            p = params[idx] if isinstance(idx, int) and idx < len(params) else None
+            state[idx] = {k: copy(v) if is_averaged(k, v, p) else v for k, v in per_param.items()}
+        if position is None:
+            out[key] = {**osd, "state": state}
+        else:
+            out[key][position] = {**osd, "state": state}
+    core.comm.average_({LEDGER_CATEGORY: tensors}, bucket_cap_bytes=core.bucket_cap_bytes)
+    return out
 
 
-def save(
-    strategy: "DeslocStrategy", checkpoint: dict[str, Any], filepath: _PATH, storage_options: Optional[Any] = None
-) -> None:
-    """Write the consensus main file at ``filepath`` and this rank's shard beside it. Call on every rank."""
-    if storage_options is not None:
-        raise TypeError(
-            "DeslocStrategy writes checkpoints itself and takes no storage_options; got "
-            f"{storage_options!r}. Save without storage_options."
-        )
+def save(core: "DeslocSync", checkpoint: dict[str, Any], filepath: Any, layout: Layout = Layout()) -> None:
+    """Write the consensus main file at ``filepath`` and this rank's shard beside it. Call on every rank.
+
+    ``checkpoint`` holds this rank's own values (where ``layout`` says); the main file gets their mean
+    and the core's shared state, the shard the values as they are and the core's local state."""
     filepath = str(filepath)
-    world, rank = _world()
-    module = strategy.lightning_module
-    fingerprint = model_fingerprint(module) if module is not None else ""
-    local_sd = _local_state_dict(strategy, checkpoint["state_dict"])
-    local_opt = checkpoint.get("optimizer_states")
-    step = int(checkpoint.get("global_step", 0))
-    save_id = strategy.broadcast(f"step{step}-{uuid.uuid4().hex[:12]}", src=0)
+    comm = core.comm
+    world, rank = comm.world_size, comm.rank
+    fingerprint = model_fingerprint([checkpoint[k] for k in layout.modules if isinstance(checkpoint.get(k), Mapping)])
+    step = int(checkpoint.get("global_step", core.optimizer_steps[0] if core.optimizer_steps else 0))
+    save_id = comm.broadcast_object(f"step{step}-{uuid.uuid4().hex[:12]}", src=0)
+    core_state = core.state_dict()
 
-    consensus_sd, consensus_opt = consensus_copies(strategy, local_sd, local_opt)
+    consensus = consensus_copies(core, checkpoint, layout)
 
     # 1. every rank writes its own shard into the new save directory
     root = shard_root(filepath)
@@ -299,55 +267,48 @@ def save(
         "world_size": world,
         "fingerprint": fingerprint,
         "global_step": step,
-        "optimizer_steps": list(strategy.optimizer_steps),
-        "state_dict": local_sd,
-        "optimizer_states": local_opt,
-        "ledger": strategy.ledger.state_dict(),
+        "optimizer_steps": list(core.optimizer_steps),
+        **{k: checkpoint.get(k) for k in layout.modules},
+        **({layout.optimizer_list: checkpoint.get(layout.optimizer_list)} if layout.optimizer_list else {}),
+        **{k: checkpoint[k] for k, _, _ in layout.optimizer_entries(checkpoint)},
+        "ledger": core.ledger.state_dict(),  # this rank's, also inside "core"; read by tools
+        "core": core_state["local"],
         "rng": _capture_rng(),
-        "compression": strategy.compression.state_dict() if strategy.compression is not None else None,
     }
     data = _to_bytes(shard)
     atomic_write(os.path.join(save_dir, shard_name(rank)), data)
     _fault_point("shard_written", filepath)
-    entries = _all_gather_object({"rank": rank, "file": shard_name(rank), "sha256": _sha256(data), "bytes": len(data)}, strategy)
+    entries = comm.all_gather_object({"rank": rank, "file": shard_name(rank), "sha256": _sha256(data), "bytes": len(data)})
     if rank != 0:
         return
 
     # 2. rank 0: the manifest, then the main file (the commit point), then old saves are removed
+    shared = core_state["shared"]
     meta = {
         "format": FORMAT_VERSION,
         "save_id": save_id,
         "world_size": world,
         "global_step": step,
-        "optimizer_steps": list(strategy.optimizer_steps),
+        "optimizer_steps": list(core.optimizer_steps),
         "fingerprint": fingerprint,
-        "schedule": {
-            "param_sync_every": strategy.schedule.param_sync_every,
-            "state_sync_every": dict(strategy.schedule.state_sync_every),
-            "state_policy": strategy.schedule.state_policy,
-        },
-        "ledger": strategy.ledger.state_dict(),
-        "weights_only": local_opt is None,
+        "schedule": shared["schedule"],
+        "ledger": shared["ledger"],
+        "weights_only": not layout.optimizer_entries(checkpoint),
         # equal on every rank, so rank 0's copy is the global one
-        "outer": strategy.outer.state_dict() if strategy.outer is not None else None,
-        "auto_chosen": list(strategy.auto.chosen) if strategy.auto is not None and strategy.auto.chosen else None,
+        "core": shared,
     }
-    manifest = {**{k: meta[k] for k in ("format", "save_id", "world_size", "global_step", "optimizer_steps", "fingerprint")}}
+    manifest = {k: meta[k] for k in ("format", "save_id", "world_size", "global_step", "optimizer_steps", "fingerprint")}
     manifest["shards"] = sorted(entries, key=lambda e: e["rank"])
     atomic_write(os.path.join(save_dir, MANIFEST_NAME), json.dumps(manifest, indent=1).encode())
-    main = dict(checkpoint)
-    main["state_dict"] = consensus_sd
-    if consensus_opt is not None:
-        main["optimizer_states"] = consensus_opt
-    main[META_KEY] = meta
-    atomic_write(filepath, _to_bytes(main))
+    consensus[META_KEY] = meta
+    atomic_write(filepath, _to_bytes(consensus))
     _fault_point("committed", filepath)
     for entry in os.listdir(root):
         if entry != save_id:
             shutil.rmtree(os.path.join(root, entry), ignore_errors=True)
 
 
-def remove(filepath: _PATH) -> None:
+def remove(filepath: Any) -> None:
     """Delete main file ``filepath`` and its shards (a symlink loses only itself). Call on rank 0."""
     filepath = str(filepath)
     if os.path.islink(filepath):
@@ -394,124 +355,126 @@ def _check_own_shard(meta: dict[str, Any], filepath: str, world: int, rank: int)
     return OK, f"{where}: own shard verified", shard
 
 
-def load(strategy: "DeslocStrategy", checkpoint_path: _PATH, weights_only: Optional[bool] = None) -> dict[str, Any]:
-    """Read the main file on every rank and, when fitting, pick and apply the local or consensus path."""
-    filepath = str(checkpoint_path)
-    main = strategy.checkpoint_io.load_checkpoint(filepath, weights_only=weights_only)
-    module = strategy.lightning_module
-    trainer = module._trainer if module is not None else None
-    if trainer is None or trainer.state.fn != TrainerFn.FITTING:
-        return main  # evaluation loads the consensus model: nothing per rank to restore
-    world, rank = _world()
+def load(
+    core: "DeslocSync",
+    filepath: Any,
+    main: dict[str, Any],
+    *,
+    modules: Sequence[Module],
+    layout: Layout = Layout(),
+    strict: bool = True,
+    allow_consensus_fallback: bool = False,
+    info: Callable[[str], None] = print,
+    warn: Callable[[str], None] = print,
+) -> tuple[dict[str, Any], ResumeDecision]:
+    """Resume from the main file ``main`` (already read from ``filepath``) on every rank: pick the local or
+    the consensus path with the other ranks, restore the core's state (and on the local path the RNG), and
+    return the checkpoint to load into the modules and optimizers (this rank's own values on the local
+    path, the consensus otherwise) with the decision. ``modules`` are the live modules whose state dicts
+    ``layout.modules`` hold (for the fingerprint); ``strict``: a different model is an error."""
+    filepath = str(filepath)
+    comm = core.comm
+    world, rank = comm.world_size, comm.rank
+    device = _device_of(core)
     meta = main.get(META_KEY)
     if not isinstance(meta, dict):
         decision = ResumeDecision("consensus", filepath, ["not a DES-LOC checkpoint: no shards"], None, world)
-        steps = [int(main.get("global_step", 0))] if len(strategy.optimizers) == 1 else [0] * len(strategy.optimizers)
-        _apply_consensus(strategy, main, {"optimizer_steps": steps}, decision)
-        return main
-    fingerprint = model_fingerprint(module)
-    if meta.get("fingerprint") != fingerprint and module.strict_loading:
+        steps = [int(main.get("global_step", 0))] if len(core.optimizers) == 1 else [0] * len(core.optimizers)
+        core.set_steps(steps)
+        _take_snapshot(core, main, layout, modules)
+        core.params_in_sync = True
+        _say_consensus(core, decision, info)
+        return main, decision
+    fingerprint = model_fingerprint(list(modules))
+    if meta.get("fingerprint") != fingerprint and strict:
         raise CheckpointShardError(
             f"{filepath} was saved from a different model (fingerprint {meta.get('fingerprint')}, this model "
             f"{fingerprint}: parameter names, shapes or dtypes differ). Load a checkpoint of this model."
         )
     status, reason, shard = _check_own_shard(meta, filepath, world, rank)
-    verdicts = _all_gather_object((status, reason), strategy)
+    verdicts = comm.all_gather_object((status, reason))
     worst = max(s for s, _ in verdicts)
     reasons = [r for _, r in verdicts]
     decision = ResumeDecision("local" if worst == OK else "consensus", filepath, reasons, meta.get("world_size"), world)
-    if worst == BAD and not strategy.allow_consensus_fallback:
-        bad = "; ".join(r for s, r in verdicts if s == BAD)
+    bad = "; ".join(r for s, r in verdicts if s == BAD)
+    if worst == BAD and not allow_consensus_fallback:
         raise CheckpointShardError(
             f"Cannot resume from {filepath}: {bad}. Delete or restore the shards, or pass "
             "DeslocStrategy(allow_consensus_fallback=True) to start every rank from the consensus in the main file."
         )
-    consensus_sd = main["state_dict"]
+    shared = meta.get("core") or _shared_from_v1(meta)
     if worst == OK:
         assert shard is not None
-        _apply_local(strategy, main, shard, decision)
-        _restore_sync_extras(strategy, consensus_sd, meta, shard)
-        return main
-    _apply_consensus(strategy, main, meta, decision)
-    _restore_sync_extras(strategy, consensus_sd, meta, None)
+        out = dict(main)
+        for key in (*layout.modules, *(k for k, _, _ in layout.optimizer_entries(shard))):
+            if shard.get(key) is not None:
+                out[key] = shard[key]
+        core.load_state_dict({"shared": shared, "local": shard.get("core") or _local_from_v1(shard)}, device)
+        if shared.get("snapshot") is None:
+            _take_snapshot(core, main, layout, modules)
+        _restore_rng(shard["rng"])
+        core.params_in_sync = False
+        info(f"DES-LOC resume from {decision.checkpoint}: LOCAL path, each of the {decision.world_size} ranks "
+             f"restored its own parameters, optimizer state and RNG at optimizer step {core.optimizer_steps}.")
+        return out, decision
+    core.load_state_dict({"shared": shared, "local": None}, device)
+    if shared.get("snapshot") is None:
+        _take_snapshot(core, main, layout, modules)
+    core.params_in_sync = True
+    _say_consensus(core, decision, info)
     if worst == BAD:
-        rank_zero_warn(
-            f"DES-LOC resume from {filepath}: bad shards ({'; '.join(r for s, r in verdicts if s == BAD)}); "
-            "allow_consensus_fallback=True, so every rank starts from the consensus in the main file."
-        )
+        warn(f"DES-LOC resume from {filepath}: bad shards ({bad}); "
+             "allow_consensus_fallback=True, so every rank starts from the consensus in the main file.")
     elif worst == MISSING:
-        rank_zero_warn(
-            f"DES-LOC resume from {filepath}: shards missing ({'; '.join(r for s, r in verdicts if s == MISSING)}); "
-            "every rank starts from the consensus parameters and optimizer states in the main file."
-        )
-    return main
+        warn(f"DES-LOC resume from {filepath}: shards missing ({'; '.join(r for s, r in verdicts if s == MISSING)}); "
+             "every rank starts from the consensus parameters and optimizer states in the main file.")
+    return main, decision
 
 
-def _restore_sync_extras(
-    strategy: "DeslocStrategy", consensus_sd: dict[str, Any], meta: dict[str, Any], shard: Optional[dict[str, Any]]
-) -> None:
-    """Restore what the strategy keeps beside the optimizers (all support one optimizer):
-
-    * periods chosen by ``param_sync_every="auto"`` (so a resumed run does not warm up again);
-    * the outer optimizer (its global parameters and momentum), global and so in the main file; a
-      checkpoint without it starts the outer optimizer afresh from the consensus parameters;
-    * the compression memory: on the local path each rank's own delta anchor and error feedback from
-      its shard, on the consensus path a fresh anchor at the consensus parameters (equal on every
-      rank, as delta coding requires) and no residual.
-    """
-    if strategy.auto is not None and meta.get("auto_chosen"):
-        k_x, periods = meta["auto_chosen"]
-        strategy.auto.chosen = (int(k_x), dict(periods))
-        policy = strategy.schedule.state_policy
-        strategy.schedule = SyncSchedule(int(k_x), dict(periods) if policy == "average" else None, policy)
-    if (strategy.outer is None and strategy.compression is None) or not strategy.optimizers:
-        return
-    module = strategy.lightning_module
-    names = {id(p): n for n, p in module.named_parameters()}
-    params = [p for g in strategy.optimizers[0].param_groups for p in g["params"]]
-    consensus = [consensus_sd[names[id(p)]] if names.get(id(p)) in consensus_sd else p.detach() for p in params]
-    if strategy.outer is not None:
-        if meta.get("outer"):
-            strategy.outer.load_state_dict(meta["outer"])
-        else:
-            strategy.outer.prime(consensus)
-    if strategy.compression is not None:
-        if shard is not None and shard.get("compression") is not None:
-            strategy.compression.load_state_dict(shard["compression"])
-        else:
-            strategy.compression.categories.clear()
-            strategy.compression.prime("params", consensus)
-
-
-def _set_steps(strategy: "DeslocStrategy", steps: list[int]) -> None:
-    n = len(strategy.optimizers)
-    steps = [int(s) for s in steps][:n]
-    strategy.optimizer_steps = steps + [0] * (n - len(steps))
-
-
-def _apply_local(strategy: "DeslocStrategy", main: dict[str, Any], shard: dict[str, Any], decision: ResumeDecision) -> None:
-    main["state_dict"] = shard["state_dict"]
-    if shard.get("optimizer_states") is not None:
-        main["optimizer_states"] = shard["optimizer_states"]
-    _set_steps(strategy, shard["optimizer_steps"])
-    strategy.ledger.load_state_dict(_merge_ledger(shard["ledger"], strategy.ledger.state_dict()))
-    _restore_rng(shard["rng"])
-    strategy._params_in_sync = False
-    strategy.resume_decision = decision
-    rank_zero_info(
-        f"DES-LOC resume from {decision.checkpoint}: LOCAL path, each of the {decision.world_size} ranks restored "
-        f"its own parameters, optimizer state and RNG at optimizer step {strategy.optimizer_steps}."
-    )
-
-
-def _apply_consensus(strategy: "DeslocStrategy", main: dict[str, Any], meta: dict[str, Any], decision: ResumeDecision) -> None:
-    _set_steps(strategy, meta.get("optimizer_steps", []))
-    if "ledger" in meta:
-        strategy.ledger.load_state_dict(_merge_ledger(meta["ledger"], strategy.ledger.state_dict()))
-    strategy._params_in_sync = True
-    strategy.resume_decision = decision
+def _say_consensus(core: "DeslocSync", decision: ResumeDecision, info: Callable[[str], None]) -> None:
     why = decision.reasons[0] if len(set(decision.reasons)) == 1 else "; ".join(decision.reasons)
-    rank_zero_info(
-        f"DES-LOC resume from {decision.checkpoint}: CONSENSUS path ({why}); all {decision.world_size} ranks start "
-        f"from the averaged parameters and optimizer states at optimizer step {strategy.optimizer_steps}."
-    )
+    info(f"DES-LOC resume from {decision.checkpoint}: CONSENSUS path ({why}); all {decision.world_size} ranks start "
+         f"from the averaged parameters and optimizer states at optimizer step {core.optimizer_steps}.")
+
+
+def _device_of(core: "DeslocSync") -> Optional[torch.device]:
+    for opt in core.optimizers:
+        for group in opt.param_groups:
+            for p in group["params"]:
+                return p.device
+    return None
+
+
+def _take_snapshot(core: "DeslocSync", main: dict[str, Any], layout: Layout, modules: Sequence[Module]) -> None:
+    """A checkpoint without a saved snapshot (plain Lightning, or an older format): the consensus
+    parameters in the main file are the last global parameters (equal on every rank)."""
+    if not core.keeps_snapshot or not core.optimizers or not layout.modules or not modules:
+        return
+    state_dict = main.get(layout.modules[0])
+    if not isinstance(state_dict, Mapping):
+        return
+    names = {id(p): n for n, p in modules[0].named_parameters()}
+    params = [p for g in core.optimizers[0].param_groups for p in g["params"]]
+    core.snapshot.take([state_dict[names[id(p)]].to(p.device) if names.get(id(p)) in state_dict else p.detach()
+                        for p in params])
+
+
+def _shared_from_v1(meta: dict[str, Any]) -> dict[str, Any]:
+    """The core's shared state from a format-1 main file (before the core kept its own state dict)."""
+    outer = meta.get("outer") or {}
+    buf = None
+    with suppress(KeyError, IndexError, TypeError):
+        buf = outer["optimizer"]["state"][0]["momentum_buffer"]
+    return {
+        "optimizer_steps": meta.get("optimizer_steps", []),
+        "schedule": meta.get("schedule"),
+        "snapshot": {"flat": outer["anchor"]} if outer.get("anchor") is not None else None,
+        "options": {"auto": {"chosen": meta.get("auto_chosen")}, "outer": {"momentum_buffer": buf}},
+        "ledger": meta.get("ledger"),
+    }
+
+
+def _local_from_v1(shard: dict[str, Any]) -> dict[str, Any]:
+    compression = {k: {"residual": v.get("residual")} for k, v in (shard.get("compression") or {}).items()}
+    return {"optimizer_steps": shard["optimizer_steps"], "ledgers": {"world": shard["ledger"]},
+            "options": {"compression": compression}}

@@ -33,12 +33,15 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 from torch import Tensor
+from torch.optim import Optimizer
 
 from lightning_desloc.schedule import SECOND_MOMENT_KEYS
+from lightning_desloc.options import SyncOption, one_optimizer
+from lightning_desloc.snapshot import ConsensusSnapshot
 
 WIRE_FORMATS = ("none", "bf16", "int8")
 Compression = Union[str, Mapping[str, str], None]
@@ -121,20 +124,26 @@ def parse_compression(compression: Compression) -> dict[str, str]:
 
 @dataclass
 class CompressedCategory:
-    """Per-rank memory of one compressed category: the anchor (for delta coding) and the residual."""
+    """Per-rank memory of one compressed category: the residual of error feedback (delta coding only).
+
+    A delta-coded category (int8 parameters) is sent as its change since ``anchor``, the consensus
+    snapshot the core owns and refreshes after every parameter average."""
 
     codec: object
     delta: bool = False
-    anchor: Optional[Tensor] = None
+    anchor: Optional[ConsensusSnapshot] = None
     residual: Optional[Tensor] = None
+
+    def _anchor(self, like: Tensor) -> Tensor:
+        if self.anchor is None or self.anchor.flat is None:
+            return torch.zeros_like(like)
+        return self.anchor.flat
 
     def message(self, flat: Tensor) -> Tensor:
         """What this rank sends (before encoding): the value, or its change since the anchor, plus feedback."""
         m = flat.float()
         if self.delta:
-            if self.anchor is None:
-                self.anchor = torch.zeros_like(m)
-            m = m - self.anchor
+            m = m - self._anchor(m)
             if self.residual is not None:
                 m = m + self.residual
         return m
@@ -142,19 +151,27 @@ class CompressedCategory:
     def remember(self, sent: Tensor, decoded_own: Tensor, result: Tensor) -> None:
         if self.delta:
             self.residual = sent - decoded_own
-            self.anchor = result.clone()
 
     def finish(self, mean: Tensor) -> Tensor:
-        return self.anchor + mean if self.delta else mean
+        return self._anchor(mean) + mean if self.delta else mean
 
 
 @dataclass
 class CompressionPlan:
-    """Which categories travel compressed, and the per-rank memory they need."""
+    """Which categories travel compressed, and the per-rank memory they need.
+
+    ``anchor`` is the consensus snapshot delta-coded categories are sent against (the core's; a test
+    may hold its own and refresh it after each round)."""
 
     wires: dict[str, str] = field(default_factory=dict)
     chunk: int = 256
+    anchor: Optional[ConsensusSnapshot] = None
     categories: dict[str, CompressedCategory] = field(default_factory=dict)
+
+    @property
+    def needs_snapshot(self) -> bool:
+        """Whether the parameters are delta coded (int8), and so need the consensus snapshot."""
+        return (self.wires.get("params") or self.wires.get("*")) == "int8"
 
     def for_category(self, category: str) -> Optional[CompressedCategory]:
         """The memory of ``category`` (``params`` or ``state/<key>``), or None when it is sent as is.
@@ -173,20 +190,45 @@ class CompressionPlan:
             return None
         if category not in self.categories:
             delta = wire == "int8" and category == "params"
-            self.categories[category] = CompressedCategory(make_codec(wire, key, self.chunk), delta=delta)
+            self.categories[category] = CompressedCategory(make_codec(wire, key, self.chunk), delta=delta,
+                                                           anchor=self.anchor if delta else None)
         return self.categories[category]
 
-    def prime(self, category: str, tensors: Sequence[Tensor]) -> None:
-        """Set the anchor of a delta-coded category to the current values (equal on every rank)."""
-        cat = self.for_category(category)
-        if cat is not None and cat.delta:
-            cat.anchor = torch.cat([t.detach().reshape(-1).float() for t in tensors])
+    def forget(self) -> None:
+        """Drop every residual (a resume on the consensus path: no rank's own error is kept)."""
+        for cat in self.categories.values():
+            cat.residual = None
 
     def state_dict(self) -> dict:
-        return {k: {"anchor": c.anchor, "residual": c.residual} for k, c in self.categories.items()}
+        """Each delta-coded category's residual (this rank's own; the anchor is the core's snapshot)."""
+        return {k: {"residual": c.residual} for k, c in self.categories.items() if c.delta}
 
-    def load_state_dict(self, state: Mapping) -> None:
+    def load_state_dict(self, state: Mapping, device: Optional[torch.device] = None) -> None:
         for category, mem in state.items():
             cat = self.for_category(category)
-            if cat is not None:
-                cat.anchor, cat.residual = mem["anchor"], mem["residual"]
+            if cat is not None and mem.get("residual") is not None:
+                residual = mem["residual"]
+                cat.residual = residual.to(device) if device is not None else residual
+
+
+class CompressionOption(SyncOption):
+    """``compression=...`` as an option of the core: the wire format of the outermost level's rounds
+    (:attr:`plan`, handed to the round) and each rank's error-feedback residuals, saved in its shard."""
+
+    name = "compression"
+    shared = False  # the residuals are this rank's own
+
+    def __init__(self, wires: Mapping[str, str], snapshot: ConsensusSnapshot, chunk: int = 256) -> None:
+        self.plan = CompressionPlan(dict(wires), chunk=chunk, anchor=snapshot)
+        self.needs_snapshot = self.plan.needs_snapshot
+
+    def attach(self, core: Any, optimizers: Sequence[Optimizer]) -> None:
+        one_optimizer(optimizers, "compression and outer_lr")
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.plan.state_dict()
+
+    def load_state_dict(self, state: Optional[dict[str, Any]], device: Optional[torch.device] = None) -> None:
+        self.plan.forget()
+        if state:
+            self.plan.load_state_dict(state, device)

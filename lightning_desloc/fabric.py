@@ -31,10 +31,15 @@ What it does differently from Fabric's ``DDPStrategy``:
 * ``fabric.all_reduce`` / ``all_gather`` are metered as ``metrics``, ``barrier`` and ``broadcast``
   as ``control`` (the broadcast pickles once and sends ``8 + len(payload)`` bytes).
 
-Not supported here (use the Trainer strategy): hierarchical groups (``group_size``), validation on the
-consensus (call :meth:`DeslocFabricStrategy.average_parameters` yourself), per-rank checkpoint shards
-(``fabric.save`` writes rank 0's objects; call :meth:`reach_consensus` first to save the average).
-Floating buffers of every set-up module are averaged with the parameters of the first optimizer.
+* ``fabric.save(path, state)`` writes what the Trainer strategy writes (see
+  :mod:`lightning_desloc.checkpoint`): at ``path`` the consensus of every module and optimizer in
+  ``state`` (loadable with plain ``torch.load``), beside it one shard per rank with that rank's own
+  values, RNG and the core's state; ``fabric.load(path, state)`` resumes each rank's own state when the
+  world size is the same and every shard is valid, else every rank from the consensus.
+
+Not supported here (use the Trainer strategy): hierarchical groups (``group_size``) and validation on
+the consensus (call :meth:`DeslocFabricStrategy.average_parameters` yourself). Floating buffers of every
+set-up module are averaged with the parameters of the first optimizer.
 """
 
 from __future__ import annotations
@@ -50,21 +55,25 @@ from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment, Precision
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.fabric.strategies import DDPStrategy
 from lightning.fabric.strategies.launchers.multiprocessing import _MultiProcessingLauncher
-from lightning.fabric.strategies.strategy import _BackwardSyncControl
+from lightning.fabric.strategies.strategy import _BackwardSyncControl, _validate_keys_for_strict_loading
+from lightning.fabric.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from lightning.fabric.utilities.types import _Stateful
 from torch import Tensor
 from torch.nn import Module
 from torch.optim import Optimizer
 
-from lightning_desloc.averaging import DEFAULT_BUCKET_CAP_BYTES, broadcast_
+from lightning_desloc import checkpoint as desloc_checkpoint
+from lightning_desloc.adapters import MeteredCollectives, build_core, close_process_group, close_process_group_at_exit
 from lightning_desloc.compression import Compression
+from lightning_desloc.config import DEFAULT_BUCKET_CAP_MB, args_section
 from lightning_desloc.schedule import StatePolicy, StateSyncEvery, SyncPlan
-from lightning_desloc.sync import (
-    CoreAttribute,
-    DeslocSync,
-    MeteredCollectives,
-    close_process_group,
-    close_process_group_at_exit,
-    float_buffers,
+from lightning_desloc.sync import float_buffers
+
+#: the DES-LOC arguments of the signature, in order (their text: :data:`lightning_desloc.config.ARGUMENT_DOCS`)
+DESLOC_ARGUMENTS = (
+    "param_sync_every", "state_sync_every", "state_policy", "compression", "outer_lr", "outer_momentum",
+    "outer_nesterov", "comm_budget", "total_steps", "min_param_syncs", "max_drift", "drift_check_every",
+    "bucket_cap_mb", "allow_consensus_fallback",
 )
 
 __all__ = ["DeslocFabricStrategy"]
@@ -92,26 +101,7 @@ class DeslocFabricStrategy(MeteredCollectives, DDPStrategy):
     parameters are averaged when ``s % param_sync_every == 0`` and state ``k`` when
     ``s % state_sync_every[k] == 0``, all in one coalesced all-reduce round; ``step`` stays local.
 
-    Args:
-        param_sync_every: ``K_x``, optimizer steps between parameter averages, or ``"auto"`` (time 16
-            steps and one average, then choose the periods; see :mod:`lightning_desloc.adaptive`).
-        state_sync_every: periods of the optimizer states, in optimizer steps. ``None``: first moments
-            (``exp_avg``, ``momentum_buffer``) every ``3 * K_x``, second moments (``exp_avg_sq``, ...)
-            every ``6 * K_x``; an ``int``: one period for all states; a dict ``{key: period}`` per key.
-        state_policy: ``"average"`` (DES-LOC); baselines ``"keep_local"`` (states never averaged) and
-            ``"reset"`` (tensor states zeroed after every parameter average).
-        compression: wire format of the schedule's averages: ``"bf16"``, ``"int8"`` (1 byte per element
-            plus a float32 scale per 256), or a dict per category (``{"params": "bf16", "states": "int8"}``);
-            ``None``: exact. One optimizer only.
-        outer_lr: the outer Nesterov SGD step on each parameter average (off when ``None``), with
-            ``outer_momentum`` and ``outer_nesterov``. One optimizer only.
-        comm_budget: with ``param_sync_every="auto"``, the fraction of step time communication may take.
-        total_steps, min_param_syncs: with ``"auto"`` and ``total_steps`` (the run's optimizer steps)
-            given, ``K_x`` is capped to leave at least ``min_param_syncs`` parameter averages in the run.
-        max_drift: early parameter average when ``||x_i - xbar|| / ||xbar||`` (max over ranks, checked every
-            ``drift_check_every`` steps, 4 bytes of ``control``) exceeds it; ``None``: off.
-        drift_check_every: optimizer steps between drift checks.
-        bucket_cap_mb: largest flat buffer of one all-reduce, in MiB.
+    {args}
 
     The remaining arguments are those of :class:`lightning.fabric.strategies.DDPStrategy` (without its
     DDP-wrapper keyword arguments: there is no wrapper).
@@ -133,7 +123,8 @@ class DeslocFabricStrategy(MeteredCollectives, DDPStrategy):
         min_param_syncs: int = 32,
         max_drift: Optional[float] = None,
         drift_check_every: int = 16,
-        bucket_cap_mb: float = DEFAULT_BUCKET_CAP_BYTES / 2**20,
+        bucket_cap_mb: float = DEFAULT_BUCKET_CAP_MB,
+        allow_consensus_fallback: bool = False,
         accelerator: Optional[Accelerator] = None,
         parallel_devices: Optional[list[torch.device]] = None,
         cluster_environment: Optional[ClusterEnvironment] = None,
@@ -153,33 +144,26 @@ class DeslocFabricStrategy(MeteredCollectives, DDPStrategy):
             timeout=timeout,
             start_method=start_method,
         )
+        arguments = {name: value for name, value in locals().items() if name in DESLOC_ARGUMENTS and name != "total_steps"}
         #: the framework-independent DES-LOC core shared with the Trainer strategy
-        self.core = DeslocSync(
-            param_sync_every, state_sync_every, state_policy, compression, outer_lr, outer_momentum, outer_nesterov,
-            None, comm_budget=comm_budget, max_drift=max_drift, drift_check_every=drift_check_every,
-            bucket_cap_mb=bucket_cap_mb, buffers=self._float_buffers, min_param_syncs=min_param_syncs,
-        )
-        self.core.total_steps = total_steps
+        self.core = build_core(arguments, buffers=self._float_buffers, total_steps=total_steps)
         self._backward_sync_control = _NoGradientSync()
         self._desloc_modules: list[Module] = []
         self._desloc_optimizers: list[Optimizer] = []
+        #: how the last ``fabric.load`` resumed: local or consensus path, and why (None: no resume)
+        self.resume_decision: Optional[desloc_checkpoint.ResumeDecision] = None
 
-    #: bytes per category of every collective this strategy issued, and DDP's bytes for the same steps
-    ledger = CoreAttribute()
-    #: the :class:`~lightning_desloc.schedule.SyncSchedule` in force
-    schedule = CoreAttribute()
-    #: completed optimizer steps, one counter per optimizer in set-up order
-    optimizer_steps = CoreAttribute()
-    compression = CoreAttribute()
-    outer = CoreAttribute()
-    auto = CoreAttribute()
-    drift = CoreAttribute()
-    early_syncs = CoreAttribute()
+    @property
+    def config(self) -> Any:
+        """The :class:`~lightning_desloc.config.DeslocConfig` this strategy was built with."""
+        return self.core.config
 
     # ------------------------------------------------------------------ setup
     def setup_module(self, module: Module) -> Module:
         """No DDP wrapper: broadcast rank 0's parameters and buffers (ledger ``setup``) and return ``module``."""
-        broadcast_([*module.parameters(), *module.buffers()], src=0, ledger=self.ledger, category="setup")
+        self.core.comm.device = self.root_device
+        self.core.comm.broadcast_([*module.parameters(), *module.buffers()], src=0, category="setup",
+                                  bucket_cap_bytes=self.core.bucket_cap_bytes)
         close_process_group_at_exit()
         if not any(m is module for m in self._desloc_modules):
             self._desloc_modules.append(module)
@@ -247,6 +231,49 @@ class DeslocFabricStrategy(MeteredCollectives, DDPStrategy):
         self.core.detach()
         super().teardown()
 
+    # ------------------------------------------------------------------ checkpoints: consensus file + per-rank shards
+    def _layout(self, state: dict[str, Any]) -> desloc_checkpoint.Layout:
+        """Which entries of a Fabric ``state`` are modules and which are (scheduled) optimizers."""
+        modules = tuple(k for k, v in state.items() if isinstance(v, Module))
+        optimizers = {k: i for k, v in state.items() if isinstance(v, Optimizer) and (i := self.core.index_of(v)) is not None}
+        return desloc_checkpoint.Layout(modules=modules, optimizer_list=None, optimizers=optimizers)
+
+    def save_checkpoint(self, path: Any, state: dict[str, Any], storage_options: Optional[Any] = None,
+                        filter: Optional[dict[str, Callable[[str, Any], bool]]] = None) -> None:
+        """``fabric.save``: the consensus of every module and optimizer in ``state`` at ``path`` (rank 0
+        writes it) and each rank's own values in a shard beside it. Call on every rank."""
+        if storage_options is not None:
+            raise TypeError("DeslocFabricStrategy writes checkpoints itself and takes no storage_options; got "
+                            f"{storage_options!r}. Save without storage_options.")
+        layout = self._layout(state)
+        converted = self._convert_stateful_objects_in_state(state, filter=filter or {})
+        desloc_checkpoint.save(self.core, converted, path, layout)
+
+    def load_checkpoint(self, path: Any, state: Optional[Any] = None, strict: bool = True) -> dict[str, Any]:
+        """``fabric.load``: resume each rank's own state from its shard (same world size, valid shards) or
+        every rank from the consensus, restoring the core's state too. Returns the entries of the file
+        that ``state`` did not ask for (without DES-LOC's own metadata)."""
+        if not isinstance(state, dict) or not state:
+            return super().load_checkpoint(path, state, strict)  # a bare module/optimizer: the consensus
+        layout = self._layout(state)
+        main = self.checkpoint_io.load_checkpoint(path)
+        main, self.resume_decision = desloc_checkpoint.load(
+            self.core, path, main, modules=[state[k] for k in layout.modules], layout=layout, strict=strict,
+            allow_consensus_fallback=self.core.config.allow_consensus_fallback, info=rank_zero_info, warn=rank_zero_warn,
+        )
+        main.pop(desloc_checkpoint.META_KEY, None)
+        _validate_keys_for_strict_loading(state.keys(), main.keys(), strict=strict)
+        for name, obj in list(state.items()):
+            if name not in main:
+                continue
+            if isinstance(obj, Module):
+                self.load_module_state_dict(module=obj, state_dict=main.pop(name), strict=strict)
+            elif isinstance(obj, _Stateful):
+                obj.load_state_dict(main.pop(name))
+            else:
+                state[name] = main.pop(name)
+        return main
+
     # ------------------------------------------------------------------ metered Fabric collectives
     def all_reduce(self, tensor: Any, group: Optional[Any] = None, reduce_op: Optional[Any] = "mean") -> Any:
         self._meter(tensor)
@@ -264,3 +291,6 @@ class DeslocFabricStrategy(MeteredCollectives, DDPStrategy):
                 override=True,
                 start_method=start_method,
             )
+
+
+DeslocFabricStrategy.__doc__ = (DeslocFabricStrategy.__doc__ or "").replace("    {args}", args_section(DESLOC_ARGUMENTS))

@@ -35,6 +35,11 @@ With ``k_in = 1`` step 1 is implicit: the per-step gradient all-reduce keeps eac
 outer round alone already gives the world mean. Scalar state (``step``) is never averaged. The inner
 rounds are exact and plain; compression and the outer optimizer (``outer_lr``) act on the outer round.
 
+The groups themselves are made by :meth:`Comm.split <lightning_desloc.comm.Comm.split>` (ranks by
+:func:`~lightning_desloc.comm.group_ranks`), and the core holds the two levels as data
+(:attr:`DeslocSync.levels <lightning_desloc.sync.DeslocSync.levels>`); this module says what the inner
+level's schedule is and what its round carries.
+
 Example: 4 ranks, ``g = 2``::
 
     inner groups (gradients every step, or DES-LOC with k_in):  {0, 1}  {2, 3}
@@ -51,16 +56,9 @@ still takes one inner and one outer round).
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from collections.abc import Sequence
+from typing import Optional
 
-import torch.distributed as dist
-from torch import Tensor
-from torch.optim import Optimizer
-
-from lightning_desloc.averaging import average_
-from lightning_desloc.ledger import CommLedger
 from lightning_desloc.schedule import StatePolicy, StateSyncEvery, SyncPlan, SyncSchedule
 
 #: ``group_param_sync_every`` of plain hierarchical mode: gradients all-reduced inside the group every step
@@ -147,69 +145,3 @@ def within_group_plan(outer: SyncPlan, inner: Optional[SyncPlan]) -> SyncPlan:
     the outer round then gives the world mean, everything the outer level has due (``outer``)."""
     states = set(outer.states) | set(inner.states if inner is not None else ())
     return SyncPlan(outer.step, params=outer.params or (inner is not None and inner.params), states=tuple(sorted(states)))
-
-
-def group_ranks(world_size: int, group_size: int) -> tuple[list[list[int]], list[list[int]]]:
-    """The inner (gradient) groups and the outer (DES-LOC) groups as lists of ranks.
-
-    >>> group_ranks(6, 3)
-    ([[0, 1, 2], [3, 4, 5]], [[0, 3], [1, 4], [2, 5]])
-    """
-    if group_size < 1 or world_size % group_size:
-        raise ValueError(
-            f"group_size={group_size} must divide the number of processes ({world_size}); "
-            f"use the number of devices per node, or a divisor of {world_size}"
-        )
-    gradient = [list(range(start, start + group_size)) for start in range(0, world_size, group_size)]
-    desloc = [list(range(i, world_size, group_size)) for i in range(group_size)]
-    return gradient, desloc
-
-
-@dataclass
-class HierarchicalGroups:
-    """The two process groups this rank belongs to and the ledger of the inner level.
-
-    ``gradient_group`` is this rank's group (the inner level: per-step gradient all-reduces, or the inner
-    DES-LOC rounds), ``desloc_group`` the ranks with this rank's position in the other groups (the outer
-    level); ``ledger`` records the inner level's bytes (``grads``, or ``params``, ``state/<key>``, ...).
-    """
-
-    gradient_group: Any
-    desloc_group: Any
-    ledger: CommLedger
-
-    @classmethod
-    def create(cls, group_size: int, ledger: CommLedger) -> "HierarchicalGroups":
-        """Make the groups; every rank must call this, in the same order (``new_group`` is collective)."""
-        world, rank = dist.get_world_size(), dist.get_rank()
-        gradient, desloc = group_ranks(world, group_size)
-        mine: dict[str, Any] = {}
-        for kind, groups in (("gradient", gradient), ("desloc", desloc)):
-            for ranks in groups:
-                handle = dist.new_group(ranks)
-                if rank in ranks:
-                    mine[kind] = handle
-        return cls(mine["gradient"], mine["desloc"], ledger)
-
-    def average_gradients(self, optimizer: Optimizer, bucket_cap_bytes: int) -> None:
-        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-        average_({"grads": grads}, self.ledger, group=self.gradient_group, bucket_cap_bytes=bucket_cap_bytes)
-
-    def average_within(self, tensors_by_category: Mapping[str, Sequence[Tensor]], bucket_cap_bytes: int) -> None:
-        """One coalesced, exact round of the inner level: every tensor replaced by its mean over the group."""
-        average_(tensors_by_category, self.ledger, group=self.gradient_group, bucket_cap_bytes=bucket_cap_bytes)
-
-    def wrap_closure(self, closure: Callable[[], Any], optimizer: Optimizer, bucket_cap_bytes: int) -> Callable[[], Any]:
-        """The training closure followed by the group's gradient average, before clipping and the step."""
-
-        def closure_then_average() -> Any:
-            out = closure()
-            self.average_gradients(optimizer, bucket_cap_bytes)
-            return out
-
-        return closure_then_average
-
-
-def desloc_group(groups: Optional[HierarchicalGroups]) -> Any:
-    """The process group DES-LOC's averages use: the whole world without hierarchy."""
-    return None if groups is None else groups.desloc_group

@@ -1,15 +1,17 @@
 """An optional outer optimizer on the parameter average (DiLoCo-style), off by default.
 
 DES-LOC as analysed sets the parameters to their average. With an outer optimizer the average is
-treated as a pseudo-gradient against the last global parameters ``anchor`` (equal on every rank)::
+treated as a pseudo-gradient against the last global parameters, the consensus snapshot ``x_g``
+(:mod:`lightning_desloc.snapshot`, equal on every rank)::
 
-    delta  = anchor - mean_i x_i          # how far the ranks moved together, sign as a gradient
-    anchor <- SGD step on anchor with gradient delta (lr, momentum, Nesterov)
-    x_i    <- anchor                      # every rank
+    g    = x_g - mean_i x_i                 # how far the ranks moved together, sign as a gradient
+    b    = g                   (first round)     b = mu * b + g   (later rounds)
+    x_g <- x_g - lr * (g + mu * b)          # Nesterov; x_g - lr * b without it
+    x_i <- x_g                              # every rank
 
-With ``lr=1`` and ``momentum=0`` that is exactly the plain average. The step is torch's own
-``torch.optim.SGD`` on a flat copy of the parameters, so its momentum buffer is an ordinary
-optimizer state dict (saved in checkpoints).
+These are torch's SGD equations (no dampening, no weight decay), computed in the snapshot's precision
+(float32 or wider) so that updates below a bf16 ulp are not lost. With ``lr=1`` and ``momentum=0`` it
+is exactly the plain average. The momentum ``b`` is equal on every rank and saved in checkpoints.
 
 Example::
 
@@ -25,57 +27,76 @@ Example::
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
+from torch.optim import Optimizer
+
+from lightning_desloc.config import OuterConfig
+from lightning_desloc.options import Metrics, Round, SyncOption, one_optimizer
+from lightning_desloc.snapshot import ConsensusSnapshot
 
 
-class OuterOptimizer:
-    """Outer SGD (Nesterov by default) on the pseudo-gradient ``anchor - average``."""
+class OuterOptimizer(SyncOption):
+    """Outer SGD (Nesterov by default) on the pseudo-gradient ``snapshot - average``; as an option of the
+    core it steps after every parameter average of the outermost level and leaves the new global
+    parameters in the snapshot.
 
-    def __init__(self, lr: float = 0.7, momentum: float = 0.9, nesterov: bool = True) -> None:
-        if not lr > 0:
-            raise ValueError(f"outer_lr must be a positive learning rate, got {lr!r}")
-        if not 0 <= momentum < 1:
-            raise ValueError(f"outer_momentum must be in [0, 1), got {momentum!r}")
+    Args:
+        lr, momentum, nesterov: as :class:`~lightning_desloc.config.OuterConfig`.
+        snapshot: the global parameters to step from; the core's, or a new one (then call :meth:`prime`).
+    """
+
+    def __init__(self, lr: float = 0.7, momentum: float = 0.9, nesterov: bool = True,
+                 snapshot: Optional[ConsensusSnapshot] = None) -> None:
+        OuterConfig(lr=lr, momentum=momentum, nesterov=nesterov)  # the same checks and messages
         self.lr, self.momentum, self.nesterov = lr, momentum, nesterov and momentum > 0
-        self.anchor: torch.nn.Parameter | None = None
-        self.optimizer: torch.optim.SGD | None = None
-        self._pending_state: dict | None = None
+        self.snapshot = snapshot if snapshot is not None else ConsensusSnapshot()
+        #: ``b``: the momentum buffer (``None`` before the first round or without momentum)
+        self.momentum_buffer: Optional[Tensor] = None
+
+    name = "outer"
+    needs_snapshot = True
+
+    def attach(self, core: Any, optimizers: Sequence[Optimizer]) -> None:
+        one_optimizer(optimizers, "compression and outer_lr")
+
+    def after_round(self, rnd: Round) -> Optional[Metrics]:
+        if rnd.plan.params:
+            self.step([p for g in rnd.optimizer.param_groups for p in g["params"]])
+            rnd.snapshot_taken = True  # in full precision, not rounded back from the parameters
+        return None
 
     def prime(self, params: Sequence[Tensor]) -> None:
         """Take the current parameters (equal on every rank) as the global parameters."""
-        flat = torch.cat([p.detach().reshape(-1) for p in params]).clone()
-        self.anchor = torch.nn.Parameter(flat, requires_grad=False)
-        self.optimizer = torch.optim.SGD([self.anchor], lr=self.lr, momentum=self.momentum, nesterov=self.nesterov)
-        if self._pending_state is not None:
-            self.load_state_dict(self._pending_state)
+        self.snapshot.take(params)
 
     @torch.no_grad()
     def step(self, params: Sequence[Tensor]) -> None:
-        """``params`` hold the rank average; replace them by the outer step's new global parameters."""
-        assert self.anchor is not None and self.optimizer is not None, "call prime() at setup"
-        average = torch.cat([p.detach().reshape(-1) for p in params])
-        self.anchor.grad = self.anchor - average
-        self.optimizer.step()
-        self.anchor.grad = None
+        """``params`` hold the rank average; replace them (and the snapshot) by the new global parameters."""
+        x_g = self.snapshot.flat
+        assert x_g is not None, "take the snapshot (prime) when every rank holds the same parameters"
+        grad = x_g.clone()
         offset = 0
         for p in params:
-            p.copy_(self.anchor[offset : offset + p.numel()].view_as(p))
+            grad[offset : offset + p.numel()].sub_(p.detach().reshape(-1))
+            offset += p.numel()
+        if self.momentum:
+            if self.momentum_buffer is None:
+                self.momentum_buffer = grad.clone()
+            else:
+                self.momentum_buffer.mul_(self.momentum).add_(grad)
+            grad = grad.add(self.momentum_buffer, alpha=self.momentum) if self.nesterov else self.momentum_buffer
+        x_g.add_(grad, alpha=-self.lr)
+        offset = 0
+        for p in params:
+            p.copy_(x_g[offset : offset + p.numel()].view_as(p))
             offset += p.numel()
 
-    def state_dict(self) -> dict:
-        if self.optimizer is None or self.anchor is None:
-            return self._pending_state or {}
-        return {"anchor": self.anchor.detach().clone(), "optimizer": self.optimizer.state_dict()}
+    def state_dict(self) -> dict[str, Any]:
+        return {"momentum_buffer": None if self.momentum_buffer is None else self.momentum_buffer.clone()}
 
-    def load_state_dict(self, state: dict) -> None:
-        if not state:
-            return
-        if self.optimizer is None or self.anchor is None:
-            self._pending_state = state  # applied at prime()
-            return
-        with torch.no_grad():
-            self.anchor.copy_(state["anchor"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self._pending_state = None
+    def load_state_dict(self, state: Optional[dict[str, Any]], device: Optional[torch.device] = None) -> None:
+        buf = (state or {}).get("momentum_buffer")
+        self.momentum_buffer = None if buf is None else buf.to(device if device is not None else buf.device)

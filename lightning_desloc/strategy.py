@@ -17,27 +17,29 @@ from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.optim import Optimizer
 
 from lightning_desloc import checkpoint as desloc_checkpoint
-from lightning_desloc.averaging import DEFAULT_BUCKET_CAP_BYTES, broadcast_
+from lightning_desloc.adapters import MeteredCollectives, build_core, close_process_group, close_process_group_at_exit
 from lightning_desloc.compression import Compression
+from lightning_desloc.config import DEFAULT_BUCKET_CAP_MB, ValidateOn, args_section
+from lightning_desloc.ledger import CommLedger
 from lightning_desloc.schedule import StatePolicy, StateSyncEvery, SyncPlan
-from lightning_desloc.sync import (
-    CoreAttribute,
-    DeslocSync,
-    MeteredCollectives,
-    averaged_state_keys,
-    close_process_group,
-    close_process_group_at_exit,
-)
+from lightning_desloc.sync import averaged_state_keys
 
 __all__ = ["DeslocStrategy", "averaged_state_keys"]
 
 log = logging.getLogger(__name__)
 
-ValidateOn = Literal["consensus", "local"]
+#: the DES-LOC arguments of the signature, in order (their text: :data:`lightning_desloc.config.ARGUMENT_DOCS`)
+DESLOC_ARGUMENTS = (
+    "param_sync_every", "state_sync_every", "validate_on", "state_policy", "compression", "outer_lr",
+    "outer_momentum", "outer_nesterov", "group_size", "group_param_sync_every", "group_state_sync_every",
+    "comm_budget", "min_param_syncs", "max_drift", "drift_check_every", "bucket_cap_mb", "log_comm",
+    "allow_consensus_fallback",
+)
 
 
 class _LedgerReturningLauncher(_MultiProcessingLauncher):
@@ -73,57 +75,7 @@ class DeslocStrategy(MeteredCollectives, DDPStrategy):
     ``s % state_sync_every[k] == 0``, all in one coalesced all-reduce round. Scalar state (``step``)
     stays local. Rank 0's parameters and buffers are broadcast at setup.
 
-    Args:
-        param_sync_every: ``K_x``, optimizer steps between parameter averages.
-        state_sync_every: periods of the optimizer states, in optimizer steps. ``None``: first moments
-            (``exp_avg``, ``momentum_buffer``, ...) every ``3 * K_x``, second moments (``exp_avg_sq``,
-            ``max_exp_avg_sq``, ...) every ``6 * K_x``. An ``int``: one period for all states
-            (``param_sync_every`` gives Local Adam). A dict ``{key: period}`` overrides single keys.
-        validate_on: which model validation during ``fit`` evaluates. ``"consensus"`` (default): the
-            ranks' parameter mean, i.e. the model a checkpoint or the end of training gives you; it
-            costs one parameter all-reduce per validation run unless the parameters were just averaged
-            (ledger category ``eval``), and local parameters are restored afterwards. ``"local"``:
-            each rank's own parameters, no bytes.
-        state_policy: ``"average"`` for DES-LOC (and Local Adam). The baselines: ``"keep_local"`` never
-            averages optimizer states; ``"reset"`` zeroes tensor states (not ``step``) right after every
-            parameter average. Both take ``state_sync_every=None``.
-        compression: wire format of the schedule's averages, ``"none"``, ``"bf16"`` or ``"int8"`` (1 byte
-            per element plus a float32 scale per 256), as one string for everything or per category:
-            ``{"params": "bf16", "states": "int8"}``, or per state key (``{"exp_avg_sq": "bf16"}``).
-            int8 parameters are sent as the change since the last average, with error feedback. The
-            ledger counts the encoded bytes. Off (``None``) by default.
-        outer_lr: turn on the DiLoCo-style outer optimizer (off when ``None``): at each parameter
-            average, ``last global params - average`` is a pseudo-gradient for an SGD step with this
-            learning rate, ``outer_momentum`` and Nesterov (``outer_nesterov``), and every rank takes the
-            result. ``outer_lr=1, outer_momentum=0`` equals plain averaging.
-        comm_budget: with ``param_sync_every="auto"``: the fraction of step time communication may take.
-            The strategy times the first 16 local steps and the parameter average after them, then picks
-            ``K_x`` and the state periods (policy in :mod:`lightning_desloc.adaptive`) and logs them.
-        min_param_syncs: with ``param_sync_every="auto"``: ``K_x`` is capped so that the run
-            (``trainer.estimated_stepping_batches`` optimizer steps) has at least this many parameter
-            averages; ``1`` leaves the choice to the time budget alone.
-        max_drift: when set, every ``drift_check_every`` steps the ranks compare (one float) how far they
-            moved from the last consensus, ``||x_i - xbar|| / ||xbar||``; above this bound the parameters
-            are averaged at once, outside the schedule (``early_syncs`` counts them).
-        group_size: hierarchical synchronisation (off when ``None``): consecutive ranks in groups of this
-            size (e.g. the devices of one node) all-reduce gradients every step like DDP, and DES-LOC's
-            schedule runs across groups. The gradient level has its own ledger, ``group_ledger``.
-        group_param_sync_every: the level inside the groups, in optimizer steps. ``1`` (default): the
-            gradients are all-reduced inside each group every step, as above. ``k_in > 1``: no gradient
-            all-reduce; the ranks of a group run DES-LOC among themselves, averaging the parameters within
-            the group every ``k_in`` steps (bytes in ``group_ledger``). Whatever the outer level
-            (``param_sync_every``, ``state_sync_every``, unchanged in timing) has due is averaged within
-            the group first and then across groups, so it becomes the mean over all ranks. Needs
-            ``group_size`` and ``state_policy="average"``; not with ``"auto"`` or ``max_drift``. See
-            :mod:`lightning_desloc.groups`.
-        group_state_sync_every: periods of the optimizer states inside the groups, in optimizer steps, as
-            ``state_sync_every`` (``None``: first moments every ``3 * k_in``, second moments every
-            ``6 * k_in``; an ``int``; a dict per key). Only with ``group_param_sync_every > 1``.
-        bucket_cap_mb: largest flat buffer of one all-reduce, in MiB.
-        log_comm: log the communication ledger (``comm/...``) to the trainer's loggers at each sync.
-        allow_consensus_fallback: on resume, a truncated, corrupt or foreign per-rank shard raises
-            :class:`~lightning_desloc.checkpoint.CheckpointShardError` (default). ``True`` starts every rank
-            from the consensus in the main checkpoint file instead, with a warning. See ``docs/checkpointing.md``.
+    {args}
 
     The remaining arguments are those of :class:`~lightning.pytorch.strategies.DDPStrategy`.
     """
@@ -147,7 +99,7 @@ class DeslocStrategy(MeteredCollectives, DDPStrategy):
         min_param_syncs: int = 32,
         max_drift: Optional[float] = None,
         drift_check_every: int = 16,
-        bucket_cap_mb: float = DEFAULT_BUCKET_CAP_BYTES / 2**20,
+        bucket_cap_mb: float = DEFAULT_BUCKET_CAP_MB,
         log_comm: bool = True,
         allow_consensus_fallback: bool = False,
         accelerator: Optional["pl.accelerators.Accelerator"] = None,
@@ -169,42 +121,42 @@ class DeslocStrategy(MeteredCollectives, DDPStrategy):
             timeout=timeout,
             start_method=start_method,
         )
+        arguments = {name: value for name, value in locals().items() if name in DESLOC_ARGUMENTS}
         #: the framework-independent DES-LOC core: schedule, step counters, rounds, ledger
-        self.core = DeslocSync(
-            param_sync_every, state_sync_every, state_policy, compression, outer_lr, outer_momentum, outer_nesterov,
-            group_size, group_param_sync_every, group_state_sync_every, comm_budget, max_drift, drift_check_every,
-            bucket_cap_mb, buffers=self._float_buffers, log=self._log_metrics, min_param_syncs=min_param_syncs,
-        )
-        if validate_on not in ("consensus", "local"):
-            raise ValueError(f"validate_on must be 'consensus' or 'local', got {validate_on!r}")
-        self.validate_on: ValidateOn = validate_on
-        self.log_comm = log_comm
+        self.core = build_core(arguments, buffers=self._float_buffers, log=self._log_metrics)
         self._stashed_local: Optional[list[Tensor]] = None
-        self.allow_consensus_fallback = allow_consensus_fallback
         #: how the last ``fit(ckpt_path=...)`` resumed: local or consensus path, and why (None: no resume)
         self.resume_decision: Optional[desloc_checkpoint.ResumeDecision] = None
 
-    # The state lives on the core; these keep ``strategy.<name>`` reading and assigning it.
-    #: the communication ledger of the DES-LOC rounds and the metered Lightning collectives
-    ledger = CoreAttribute()
-    #: the :class:`~lightning_desloc.schedule.SyncSchedule` in force (replaced once by ``"auto"``)
-    schedule = CoreAttribute()
-    #: completed optimizer steps, one counter per optimizer (index in ``self.optimizers``)
-    optimizer_steps = CoreAttribute()
-    #: bytes of the level inside groups (hierarchical mode): gradient all-reduces, or the inner averages
-    group_ledger = CoreAttribute()
-    groups = CoreAttribute()
-    group_size = CoreAttribute()
-    #: the inner level's schedule (``group_param_sync_every > 1``), else ``None``
-    group_schedule = CoreAttribute()
-    compression = CoreAttribute()
-    outer = CoreAttribute()
-    auto = CoreAttribute()
-    drift = CoreAttribute()
-    #: parameter averages the drift trigger added to the schedule
-    early_syncs = CoreAttribute()
-    bucket_cap_bytes = CoreAttribute()
-    _params_in_sync = CoreAttribute("params_in_sync")
+    @property
+    def config(self) -> Any:
+        """The :class:`~lightning_desloc.config.DeslocConfig` this strategy was built with."""
+        return self.core.config
+
+    @property
+    def validate_on(self) -> ValidateOn:
+        return self.core.config.validate_on
+
+    @property
+    def log_comm(self) -> bool:
+        return self.core.config.log_comm
+
+    @property
+    def group_ledger(self) -> CommLedger:
+        """Bytes of the level inside groups (hierarchical mode): gradient all-reduces, or the inner averages
+        (an empty ledger without groups)."""
+        level = self.core.group_level
+        if level is None:
+            if not hasattr(self, "_no_group_ledger"):
+                self._no_group_ledger = CommLedger()
+            return self._no_group_ledger
+        return level.ledger
+
+    @property
+    def group_schedule(self) -> Any:
+        """The inner level's schedule (``group_param_sync_every > 1``), else ``None``."""
+        level = self.core.group_level
+        return level.schedule if level is not None else None
 
     # ------------------------------------------------------------------ validation of the setup
     def _configure_launcher(self) -> None:
@@ -225,10 +177,12 @@ class DeslocStrategy(MeteredCollectives, DDPStrategy):
         self.accelerator.setup(trainer)
         self.precision_plugin.convert_module(self.model)
         self.model_to_device()
+        self.core.comm.device = self.root_device
         self.core.setup_groups()
         close_process_group_at_exit()  # this process may outlive fit (default launcher, torchrun)
         # No DDP wrapper, so no gradient hooks; start every rank from rank 0's weights instead.
-        broadcast_(self._module_tensors(), src=0, ledger=self.ledger, category="setup")
+        self.core.comm.broadcast_(self._module_tensors(), src=0, category="setup",
+                                  bucket_cap_bytes=self.core.bucket_cap_bytes)
         self.core.params_in_sync = True
         fitting = trainer.state.fn == TrainerFn.FITTING
         if fitting:
@@ -291,11 +245,11 @@ class DeslocStrategy(MeteredCollectives, DDPStrategy):
         trainer = self.lightning_module.trainer if self.lightning_module is not None else None
         if self.validate_on != "consensus" or trainer is None or trainer.state.fn != TrainerFn.FITTING:
             return
-        if self._params_in_sync:
+        if self.core.params_in_sync:
             return
         self._stashed_local = [t.detach().clone() for t in self._consensus_tensors()]
         self.average_parameters(category="eval")
-        self._params_in_sync = False  # the local parameters come back after validation
+        self.core.params_in_sync = False  # the local parameters come back after validation
 
     def on_validation_end(self) -> None:
         if self._stashed_local is not None:
@@ -333,11 +287,37 @@ class DeslocStrategy(MeteredCollectives, DDPStrategy):
     def save_checkpoint(
         self, checkpoint: dict[str, Any], filepath: _PATH, storage_options: Optional[Any] = None
     ) -> None:
-        desloc_checkpoint.save(self, checkpoint, filepath, storage_options)
+        if storage_options is not None:
+            raise TypeError(
+                "DeslocStrategy writes checkpoints itself and takes no storage_options; got "
+                f"{storage_options!r}. Save without storage_options."
+            )
+        checkpoint = {**checkpoint, "state_dict": self._local_state_dict(checkpoint["state_dict"])}
+        desloc_checkpoint.save(self.core, checkpoint, filepath)
+
+    def _local_state_dict(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        """During consensus validation the live parameters are the consensus and the rank's own values are
+        stashed; a shard must hold the rank's own values."""
+        if self._stashed_local is None or self.model is None:
+            return state_dict
+        names = [n for n, _ in self.model.named_parameters()] + [
+            n for n, b in self.model.named_buffers() if b.is_floating_point()]
+        return {**state_dict, **{n: t for n, t in zip(names, self._stashed_local) if n in state_dict}}
 
     def load_checkpoint(self, checkpoint_path: _PATH, weights_only: Optional[bool] = None) -> dict[str, Any]:
-        # also restores optimizer_steps, the ledger and (local path) the RNG; sets resume_decision
-        return desloc_checkpoint.load(self, checkpoint_path, weights_only)
+        # when fitting, also restores the step counters, the ledger, the options' state and (local path)
+        # the RNG, and sets resume_decision
+        main = self.checkpoint_io.load_checkpoint(checkpoint_path, weights_only=weights_only)
+        module = self.lightning_module
+        trainer = module._trainer if module is not None else None
+        if trainer is None or trainer.state.fn != TrainerFn.FITTING:
+            return main  # evaluation loads the consensus model: nothing per rank to restore
+        main, self.resume_decision = desloc_checkpoint.load(
+            self.core, checkpoint_path, main, modules=[module], strict=module.strict_loading,
+            allow_consensus_fallback=self.core.config.allow_consensus_fallback,
+            info=rank_zero_info, warn=rank_zero_warn,
+        )
+        return main
 
     def remove_checkpoint(self, filepath: _PATH) -> None:
         if self.is_global_zero:
@@ -360,3 +340,6 @@ class DeslocStrategy(MeteredCollectives, DDPStrategy):
                 override=True,
                 start_method=start_method,
             )
+
+
+DeslocStrategy.__doc__ = (DeslocStrategy.__doc__ or "").replace("    {args}", args_section(DESLOC_ARGUMENTS))

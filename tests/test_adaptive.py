@@ -8,8 +8,8 @@ import torch
 
 from lightning_desloc import DeslocStrategy
 from lightning_desloc.adaptive import AutoPeriods, choose_periods, half_life, optimizer_betas, period_cap
-from lightning_desloc.ledger import CommLedger
-from test_strategy import N_PARAMS, Regression, quiet_trainer
+from lightning_desloc.comm import Comm
+from helpers import N_PARAMS, Regression, quiet_trainer
 
 
 def policy_by_hand(step_s, round_s, beta1, beta2, budget=0.05, lo=8, hi=1024):
@@ -52,8 +52,8 @@ def test_period_cap_leaves_the_asked_number_of_averages(total, syncs, expected):
 def test_decide_caps_the_time_policy_by_the_run_length():
     auto = AutoPeriods(warmup_steps=2, comm_budget=0.05, min_param_syncs=32)
     auto.stamp(0.0), auto.stamp(0.01)  # 10 ms steps; a 80 ms round wants K_x = 256 for a 5 % budget
-    assert auto.decide(0.08, {"exp_avg": 0.9, "exp_avg_sq": 0.999}, CommLedger())[0] == 256
-    k_x, periods = auto.decide(0.08, {"exp_avg": 0.9, "exp_avg_sq": 0.999}, CommLedger(), total_steps=1200)
+    assert auto.decide(0.08, {"exp_avg": 0.9, "exp_avg_sq": 0.999}, Comm())[0] == 256
+    k_x, periods = auto.decide(0.08, {"exp_avg": 0.9, "exp_avg_sq": 0.999}, Comm(), total_steps=1200)
     assert (k_x, periods) == (32, {"exp_avg": 96, "exp_avg_sq": 704}) and auto.measured["max_period"] == 32
     with pytest.raises(ValueError, match="min_param_syncs"):
         AutoPeriods(min_param_syncs=0)

@@ -53,7 +53,7 @@ def test_outer_momentum_and_compression_memory_survive_a_same_size_resume(tmp_pa
     path = os.path.join(tmp_path, "ref", "ck", "epoch=0-step=5.ckpt")
     meta = torch.load(path, weights_only=True)["desloc"]
     # after step 3's average the outer optimizer has a momentum buffer; it is in the main file
-    assert meta["outer"]["optimizer"]["state"][0]["momentum_buffer"].abs().sum() > 0
+    assert meta["core"]["options"]["outer"]["momentum_buffer"].abs().sum() > 0
     got = fit(tmp_path / "resumed", ckpt_path=path)
     for r in (0, 1):
         assert got[r]["resume"] == "local"

@@ -8,10 +8,11 @@ import torch
 from lightning_desloc.averaging import average_
 from lightning_desloc.compression import Bf16Codec, CompressionPlan, Int8Codec, parse_compression
 from lightning_desloc.ledger import CommLedger
+from lightning_desloc.snapshot import ConsensusSnapshot
 
 from helpers import run_on_processes
 from lightning_desloc import DeslocStrategy
-from test_strategy import N_PARAMS, Regression, quiet_trainer
+from helpers import N_PARAMS, Regression, quiet_trainer
 
 
 def int8_by_hand(x, chunk):
@@ -73,14 +74,16 @@ def rank_values(rank, n=300):
 
 
 def _compressed_worker(rank, world, out_dir):
-    plan = CompressionPlan(wires={"params": "int8", "exp_avg_sq": "bf16"}, chunk=32)
+    snapshot = ConsensusSnapshot()  # the core's consensus snapshot, held by the test here
+    plan = CompressionPlan(wires={"params": "int8", "exp_avg_sq": "bf16"}, chunk=32, anchor=snapshot)
     start = torch.zeros(300)
-    plan.prime("params", [start])  # equal on every rank, as after the setup broadcast
+    snapshot.take([start])  # equal on every rank, as after the setup broadcast
     results = []
     ledger = CommLedger()
     for round_ in range(2):
         x, v = rank_values(rank + 10 * round_)
         average_({"params": [x], "state/exp_avg_sq": [v]}, ledger, compression=plan)
+        snapshot.take([x])  # as the core does after every parameter average
         results.append((x.clone(), v.clone()))
     torch.save({"results": results, "ledger": ledger.state_dict()}, f"{out_dir}/c{rank}.pt")
 

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader
 
 import reference as ref
 from lightning_desloc import DeslocStrategy
+from helpers import Mlp, Recorder
 
 WORLD = 2
 
@@ -28,109 +29,6 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # Lightning's nu
 
 
 # --------------------------------------------------------------------------- what runs in the workers
-class Mlp(L.LightningModule):
-    """The model of ``reference.forward`` written with ``nn.Linear`` layers, trained per ``cfg``."""
-
-    def __init__(self, cfg: ref.Config, n_calls: int, manual: bool = False):
-        super().__init__()
-        self.cfg, self.n_calls, self.manual = cfg, n_calls, manual
-        self.automatic_optimization = not manual
-        self.net = torch.nn.Sequential(
-            torch.nn.Linear(ref.IN, ref.HIDDEN), torch.nn.Tanh(), torch.nn.Linear(ref.HIDDEN, ref.OUT)
-        ).double()
-        with torch.no_grad():
-            for p, value in zip(self.net.parameters(), ref.initial_params(cfg.seed)):
-                p.copy_(value)
-
-    def setup(self, stage):
-        # runs before the strategy's setup: every rank starts from different weights until rank 0's are broadcast
-        with torch.no_grad():
-            for p, delta in zip(self.net.parameters(), ref.perturbation(self.global_rank, self.cfg.seed)):
-                p.add_(delta)
-        self.perturbed = [p.detach().clone() for p in self.net.parameters()]
-
-    def _loss(self, batch, batch_idx):
-        x, y = batch
-        loss = torch.nn.functional.mse_loss(self.net(x), y)
-        if batch_idx in self.cfg.skip_calls:
-            loss = loss * math.inf
-        return loss
-
-    def training_step(self, batch, batch_idx):
-        if not self.manual:
-            return self._loss(batch, batch_idx)
-        opt = self.optimizers()
-        opt.zero_grad()
-        self.manual_backward(self._loss(batch, batch_idx))
-        if self.cfg.clip_norm is not None:
-            self.clip_gradients(opt, gradient_clip_val=self.cfg.clip_norm, gradient_clip_algorithm="norm")
-        opt.step()
-        scheduler = self.lr_schedulers()
-        if scheduler is not None:
-            scheduler.step()
-
-    def configure_optimizers(self):
-        c = self.cfg
-        if c.optimizer == "adam":
-            opt = torch.optim.Adam(self.parameters(), lr=c.lr, betas=c.betas, eps=c.eps, weight_decay=c.weight_decay)
-        elif c.optimizer == "adamw":
-            opt = torch.optim.AdamW(self.parameters(), lr=c.lr, betas=c.betas, eps=c.eps, weight_decay=c.weight_decay)
-        else:
-            opt = torch.optim.SGD(self.parameters(), lr=c.lr, momentum=c.momentum, dampening=c.dampening,
-                                  weight_decay=c.weight_decay, nesterov=c.nesterov)
-        if c.lr_schedule is None:
-            return opt
-        if c.lr_schedule[0] == "lambda":
-            scheduler = torch.optim.lr_scheduler.LambdaLR(opt, ref.warmup_then_decay)
-        else:
-            _, size, gamma = c.lr_schedule
-            scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=size, gamma=gamma)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-    def train_dataloader(self):
-        rank = self.trainer.global_rank
-        batches = [ref.make_batch(rank, i, self.cfg.seed) for i in range(self.n_calls * self.cfg.accumulate)]
-        return DataLoader(batches, batch_size=None)
-
-
-class Recorder(Callback):
-    """Saves, per rank, the state after every optimizer step and the weights the rank ends ``fit`` with."""
-
-    def __init__(self, out_dir: str):
-        self.out_dir = out_dir
-
-    @staticmethod
-    def _snapshot(trainer, module) -> dict:
-        params = list(module.parameters())
-        opt = trainer.optimizers[0]
-        keys = sorted({k for p in params for k in opt.state.get(p, {})} - {"step"})
-        steps = {int(opt.state[p]["step"]) for p in params if "step" in opt.state.get(p, {})}
-        return {
-            "global_step": trainer.global_step,
-            "params": [p.detach().clone() for p in params],
-            "state": {k: [opt.state[p][k].detach().clone() for p in params] for k in keys},
-            "step": steps.pop() if len(steps) == 1 else (None if not steps else sorted(steps)),
-        }
-
-    def on_train_start(self, trainer, module):
-        self.history = [self._snapshot(trainer, module)]
-
-    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-        if trainer.global_step != self.history[-1]["global_step"]:  # once per optimizer step, not per micro-batch
-            self.history.append(self._snapshot(trainer, module))
-
-    def on_fit_end(self, trainer, module):  # after the strategy's on_train_end
-        torch.save(
-            {
-                "perturbed": module.perturbed,
-                "history": self.history,
-                "final": [p.detach().clone() for p in module.parameters()],
-                "optimizer_steps": list(trainer.strategy.optimizer_steps),
-            },
-            f"{self.out_dir}/rank{trainer.global_rank}.pt",
-        )
-
-
 # --------------------------------------------------------------------------- the cases
 ADAM_PERIODS = {"exp_avg": 4, "exp_avg_sq": 6}
 SGD_PERIODS = {"momentum_buffer": 5}

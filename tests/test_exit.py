@@ -15,7 +15,7 @@ SCRIPT = textwrap.dedent("""
     import torch, lightning as L, torch.distributed as dist
     sys.path.insert(0, {tests!r})
     from lightning_desloc import DeslocStrategy
-    from test_strategy import Regression
+    from helpers import Regression
 
     out = sys.argv[1]
 

@@ -16,6 +16,7 @@ default rule (``group_state_sync_every=None``).
 
 from __future__ import annotations
 
+import threading
 import warnings
 
 import lightning as L
@@ -25,7 +26,7 @@ import torch
 import reference as ref
 from lightning_desloc import DeslocStrategy
 from lightning_desloc.groups import check_group_keys, make_group_schedule
-from test_equivalence import Mlp, Recorder
+from helpers import Mlp, Recorder
 
 WORLD, GROUP = 4, 2
 N_CALLS = 13
@@ -145,14 +146,20 @@ def test_group_period_defaults_and_validation():
 
 
 # --------------------------------------------------------------------------- the core alone, compressed
-def _compressed_worker(rank, world, out_dir):
+_init = threading.Lock()  # the ranks are threads of this process (fake Comm) and share torch's RNG
+
+
+def _compressed_worker(rank, world, comm, out_dir):
+    from lightning_desloc.config import DeslocConfig
     from lightning_desloc.sync import DeslocSync
 
-    torch.manual_seed(0)  # the same initial weights on every rank
-    model = torch.nn.Linear(5, 3)
+    with _init:
+        torch.manual_seed(0)  # the same initial weights on every rank
+        model = torch.nn.Linear(5, 3)
     opt = torch.optim.Adam(model.parameters(), lr=0.05)
-    core = DeslocSync(param_sync_every=K_X, state_sync_every=OUTER_STATES, group_size=GROUP,
-                      group_param_sync_every=K_IN, compression="bf16", outer_lr=0.7, outer_momentum=0.9)
+    core = DeslocSync(DeslocConfig.from_arguments(
+        param_sync_every=K_X, state_sync_every=OUTER_STATES, group_size=GROUP, group_param_sync_every=K_IN,
+        compression="bf16", outer_lr=0.7, outer_momentum=0.9), comm=comm)
     core.setup_groups()
     core.attach([opt])
     g = torch.Generator().manual_seed(rank)
@@ -166,11 +173,11 @@ def _compressed_worker(rank, world, out_dir):
         opt.zero_grad()
         params = list(model.parameters())
         records.append({
-            "plan": plan, "group_plan": core.last_group_plan,
+            "plan": plan, "group_plan": core.group_level.last_plan,
             "params": torch.cat([p.detach().reshape(-1) for p in params]),
             **{k: torch.cat([opt.state[p][k].reshape(-1) for p in params]) for k in OUTER_STATES},
         })
-    ledgers = {"ledger": core.ledger.state_dict(), "group_ledger": core.group_ledger.state_dict()}
+    ledgers = {"ledger": core.ledger.state_dict(), "group_ledger": core.group_level.ledger.state_dict()}
     # a direct call of sync() (no after_step) still averages within the group first: the world mean
     from lightning_desloc.schedule import SyncPlan
 
@@ -179,15 +186,15 @@ def _compressed_worker(rank, world, out_dir):
             p.add_(0.01 * (rank + 1))
     core.sync(opt, SyncPlan(10, params=True))
     direct = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-    torch.save({"records": records, **ledgers, "direct": direct, "direct_group_plan": core.last_group_plan,
-                "group_ledger_after": core.group_ledger.state_dict()}, f"{out_dir}/core{rank}.pt")
+    torch.save({"records": records, **ledgers, "direct": direct, "direct_group_plan": core.group_level.last_plan,
+                "group_ledger_after": core.group_level.ledger.state_dict()}, f"{out_dir}/core{rank}.pt")
 
 
 def test_inner_level_with_compression_and_outer_optimizer_on_the_outer_round(tmp_path):
-    from helpers import run_on_processes
+    from fake_comm import run_on_threads
     from lightning_desloc.schedule import SyncPlan
 
-    run_on_processes(_compressed_worker, WORLD, str(tmp_path))
+    run_on_threads(_compressed_worker, WORLD, str(tmp_path))
     out = [torch.load(tmp_path / f"core{r}.pt", weights_only=False) for r in range(WORLD)]
     for s in range(1, 10):
         recs = [o["records"][s - 1] for o in out]

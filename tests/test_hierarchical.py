@@ -9,8 +9,8 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_desloc import DeslocStrategy
-from lightning_desloc.groups import group_ranks
-from test_strategy import quiet_trainer
+from lightning_desloc.comm import group_ranks
+from helpers import quiet_trainer
 
 STEPS, K_X, BATCH = 6, 3, 4
 

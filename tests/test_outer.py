@@ -4,7 +4,7 @@ import torch
 
 from lightning_desloc import DeslocStrategy
 from lightning_desloc.outer import OuterOptimizer
-from test_strategy import Regression, quiet_trainer
+from helpers import Regression, quiet_trainer
 
 
 def test_outer_lr_one_without_momentum_is_plain_averaging():

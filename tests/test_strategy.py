@@ -13,61 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_desloc
 from lightning_desloc import DeslocStrategy
-
-IN, HIDDEN, OUT = 64, 96, 8
-N_PARAMS = IN * HIDDEN + HIDDEN + HIDDEN * OUT + OUT  # two Linear layers, counted by hand
-
-
-def quiet_trainer(**kwargs):
-    defaults = dict(
-        accelerator="cpu",
-        devices=2,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        use_distributed_sampler=False,
-    )
-    defaults.update(kwargs)
-    return L.Trainer(**defaults)
-
-
-class Regression(L.LightningModule):
-    """A two-layer MLP on rank-dependent synthetic data."""
-
-    def __init__(self, n_batches=8, lr=1e-2, optimizer="adam", inf_batches=(), out_dir=None):
-        super().__init__()
-        self.net = torch.nn.Sequential(torch.nn.Linear(IN, HIDDEN), torch.nn.Tanh(), torch.nn.Linear(HIDDEN, OUT))
-        self.n_batches, self.lr, self.optimizer, self.inf_batches, self.out_dir = n_batches, lr, optimizer, inf_batches, out_dir
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        loss = torch.nn.functional.mse_loss(self.net(x), y)
-        if batch_idx in self.inf_batches:
-            loss = loss * float("inf")
-        return loss
-
-    def validation_step(self, batch, batch_idx):
-        x, y = batch
-        self.log("val_loss", torch.nn.functional.mse_loss(self.net(x), y), sync_dist=True)
-
-    def configure_optimizers(self):
-        if self.optimizer == "adafactor":
-            return torch.optim.Adafactor(self.parameters(), lr=self.lr)
-        return torch.optim.Adam(self.parameters(), lr=self.lr)
-
-    def _data(self, offset):
-        rank = self.trainer.global_rank if self._trainer is not None else 0
-        g = torch.Generator().manual_seed(1000 * rank + offset)
-        x = torch.randn(self.n_batches * 4, IN, generator=g)
-        return DataLoader(TensorDataset(x, x[:, :OUT] * (1 + rank)), batch_size=4)
-
-    def train_dataloader(self):
-        return self._data(0)
-
-    def val_dataloader(self):
-        return self._data(1)
-
+from helpers import HIDDEN, IN, N_PARAMS, OUT, Regression, quiet_trainer  # noqa: F401
 
 # --------------------------------------------------------------------------- bytes over 1536 steps
 class CountingRegression(Regression):

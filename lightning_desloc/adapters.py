@@ -1,0 +1,134 @@
+"""What the two Lightning adapters (Trainer and Fabric strategies) share, kept out of the core.
+
+* :func:`build_core`: the flat, typed arguments of a strategy's signature -> a
+  :class:`~lightning_desloc.config.DeslocConfig` -> a :class:`~lightning_desloc.sync.DeslocSync`;
+* :class:`MeteredCollectives`: every collective Lightning or the user asks the strategy for goes into
+  the core's ledger (through its :class:`~lightning_desloc.comm.Comm`);
+* closing gloo when a worker ends (:func:`close_process_group`, :func:`close_process_group_at_exit`).
+"""
+
+from __future__ import annotations
+
+import atexit
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import timedelta
+from typing import Any, Optional
+
+import torch.distributed as dist
+from lightning.fabric.utilities.rank_zero import rank_zero_info
+from torch import Tensor
+
+from lightning_desloc.config import DeslocConfig
+from lightning_desloc.ledger import CommLedger
+from lightning_desloc.sync import DeslocSync
+
+
+def build_core(arguments: dict[str, Any], **runtime: Any) -> DeslocSync:
+    """The core from a strategy's own arguments (those :meth:`DeslocConfig.from_arguments` takes) and
+    the runtime objects (``buffers``, ``log``, ``total_steps``)."""
+    config = DeslocConfig.from_arguments(**arguments)
+    return DeslocSync(config, info=rank_zero_info, **runtime)
+
+
+class MeteredCollectives:
+    """Mixin for a Lightning or Fabric strategy with a ``core``: every collective Lightning or the user
+    asks the strategy for is recorded. Gathers and reductions count under the current category
+    (``metrics`` unless :meth:`_metered_as` says otherwise), barriers, broadcasts and boolean decisions
+    under ``control``. Put it before the strategy's base class."""
+
+    core: DeslocSync
+    _collective_category = "metrics"
+
+    @property
+    def ledger(self) -> CommLedger:
+        """Bytes per category of every collective this strategy issued, and DDP's bytes for the same steps."""
+        return self.core.ledger
+
+    @property
+    def schedule(self) -> Any:
+        """The :class:`~lightning_desloc.schedule.SyncSchedule` in force (replaced once by ``"auto"``)."""
+        return self.core.schedule
+
+    @property
+    def optimizer_steps(self) -> list[int]:
+        """Completed optimizer steps, one counter per optimizer."""
+        return self.core.optimizer_steps
+
+    @optimizer_steps.setter
+    def optimizer_steps(self, steps: list[int]) -> None:
+        self.core.optimizer_steps = list(steps)
+
+    @property
+    def early_syncs(self) -> int:
+        """Parameter averages the drift trigger (``max_drift``) added to the schedule."""
+        from lightning_desloc.adaptive import DriftTrigger
+
+        drift = self.core.option(DriftTrigger)
+        return 0 if drift is None else drift.early_syncs
+
+    def _meter(self, tensor: Any) -> None:
+        if isinstance(tensor, Tensor):
+            self.core.comm.meter(self._collective_category, tensor.numel() * tensor.element_size())
+
+    @contextmanager
+    def _metered_as(self, category: str) -> Iterator[None]:
+        previous, self._collective_category = self._collective_category, category
+        try:
+            yield
+        finally:
+            self._collective_category = previous
+
+    def all_gather(self, tensor: Tensor, group: Optional[Any] = None, sync_grads: bool = False) -> Tensor:
+        self._meter(tensor)
+        return super().all_gather(tensor, group=group, sync_grads=sync_grads)  # type: ignore[misc]
+
+    def reduce_boolean_decision(self, decision: bool, all: bool = True) -> bool:
+        with self._metered_as("control"):
+            return super().reduce_boolean_decision(decision, all=all)  # type: ignore[misc]
+
+    def barrier(self, *args: Any, **kwargs: Any) -> None:
+        self.core.comm.meter("control", 0)
+        super().barrier(*args, **kwargs)  # type: ignore[misc]
+
+    def broadcast(self, obj: Any, src: int = 0) -> Any:
+        # Our own pickled broadcast (size, then payload) so that the bytes are known exactly.
+        return self.core.comm.broadcast_object(obj, src, "control")
+
+
+def close_process_group() -> None:
+    """End of a spawned/forked worker: wait for every rank, then close gloo. Without it gloo's
+    background threads can abort the interpreter at exit ("terminate called without an active
+    exception")."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+_exit_hook_registered = False
+
+
+def close_process_group_at_exit(timeout_s: float = 30.0) -> None:
+    """Close the default process group when the interpreter exits, as :func:`close_process_group` does
+    for spawned workers. For processes that live on after ``fit`` (the script launched by the Trainer's
+    default launcher, ``torchrun`` workers). Registered once per process; the wait for the other ranks
+    is bounded by ``timeout_s`` seconds (gloo's monitored barrier), so a rank whose peer crashed still
+    exits."""
+    global _exit_hook_registered
+    if not _exit_hook_registered:
+        atexit.register(_close_at_exit, timeout_s)
+        _exit_hook_registered = True
+
+
+def _close_at_exit(timeout_s: float) -> None:
+    if not (dist.is_available() and dist.is_initialized()):
+        return  # never initialised, or already closed (spawned workers)
+    try:
+        if dist.get_backend() == "gloo":
+            dist.monitored_barrier(timeout=timedelta(seconds=timeout_s))
+        else:
+            dist.barrier()
+    except Exception:  # a peer is gone or stuck: close this rank's side anyway
+        pass
+    dist.destroy_process_group()
+

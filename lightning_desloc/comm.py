@@ -1,0 +1,166 @@
+"""The one metered communication object: every collective DES-LOC issues goes through a :class:`Comm`.
+
+A :class:`Comm` is one process group (``None``: the default group) and one
+:class:`~lightning_desloc.ledger.CommLedger`. It is the only place that asks whether a group is
+initialised and has more than one rank (with one rank nothing is sent and nothing recorded), and the
+only place that writes a ledger. The core (:class:`~lightning_desloc.sync.DeslocSync`) is given one,
+so a unit test can hand it a fake that averages between threads of one process, while the
+integration tests use real gloo groups.
+
+Bytes recorded are payload bytes: ``numel * element_size`` of every buffer handed to a collective
+(the encoded size for compressed categories).
+
+Example: with no process group (or one process) every call is local and free::
+
+    >>> import torch
+    >>> comm = Comm()
+    >>> x = torch.ones(3)
+    >>> comm.average_({"params": [x]}, bucket_cap_bytes=2**20)
+    >>> comm.all_reduce_max(torch.tensor([0.5])), comm.broadcast_object("id-7"), comm.ledger.rounds
+    (tensor([0.5000]), 'id-7', 0)
+"""
+
+from __future__ import annotations
+
+import pickle
+from collections.abc import Mapping, Sequence
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from lightning_desloc.averaging import DEFAULT_BUCKET_CAP_BYTES, average_round, broadcast_round
+from lightning_desloc.compression import CompressionPlan
+from lightning_desloc.ledger import CommLedger
+
+
+def group_ranks(world_size: int, group_size: int) -> tuple[list[list[int]], list[list[int]]]:
+    """The inner groups (consecutive ranks) and the outer groups (same position in each inner group).
+
+    >>> group_ranks(6, 3)
+    ([[0, 1, 2], [3, 4, 5]], [[0, 3], [1, 4], [2, 5]])
+    """
+    if group_size < 1 or world_size % group_size:
+        raise ValueError(
+            f"group_size={group_size} must divide the number of processes ({world_size}); "
+            f"use the number of devices per node, or a divisor of {world_size}"
+        )
+    inner = [list(range(start, start + group_size)) for start in range(0, world_size, group_size)]
+    outer = [list(range(i, world_size, group_size)) for i in range(group_size)]
+    return inner, outer
+
+
+class Comm:
+    """Collectives over ``group`` (``None``: the default group), metered in ``ledger``.
+
+    Args:
+        ledger: where every collective's payload bytes go, per category; a new ledger when ``None``.
+        group: the process group; ``None`` for the default (world) group.
+        device: where the small tensors of control collectives are made (NCCL needs the rank's GPU);
+            the adapters set it to the rank's root device at setup.
+    """
+
+    def __init__(self, ledger: Optional[CommLedger] = None, group: Any = None,
+                 device: Optional[torch.device] = None) -> None:
+        self.ledger = ledger if ledger is not None else CommLedger()
+        self.group = group
+        self.device = torch.device("cpu") if device is None else device
+
+    # ------------------------------------------------------------------ who is there
+    @property
+    def initialized(self) -> bool:
+        return dist.is_available() and dist.is_initialized()
+
+    @property
+    def world_size(self) -> int:
+        return dist.get_world_size(self.group) if self.initialized else 1
+
+    @property
+    def rank(self) -> int:
+        return dist.get_rank(self.group) if self.initialized else 0
+
+    @property
+    def distributed(self) -> bool:
+        """Whether a collective would reach another rank (a group is initialised and has more than one)."""
+        return self.initialized and self.world_size > 1
+
+    def meter(self, category: str, nbytes: int) -> None:
+        """Record one collective of ``nbytes`` that someone else issued (Lightning's reductions, barriers)."""
+        if self.distributed:
+            self.ledger.record({category: int(nbytes)})
+
+    # ------------------------------------------------------------------ the averaging rounds
+    def average_(
+        self,
+        tensors_by_category: Mapping[str, Sequence[Tensor]],
+        *,
+        bucket_cap_bytes: int = DEFAULT_BUCKET_CAP_BYTES,
+        compression: Optional[CompressionPlan] = None,
+    ) -> None:
+        """Replace every tensor by its mean over the group, in one coalesced round (see
+        :func:`~lightning_desloc.averaging.average_round`); one ledger round, bytes per category."""
+        if not self.distributed or not any(tensors_by_category.values()):
+            return
+        sent = average_round(tensors_by_category, self.world_size, self.group, bucket_cap_bytes, compression)
+        self.ledger.record(sent)
+
+    def broadcast_(self, tensors: Sequence[Tensor], src: int = 0, category: str = "setup",
+                   bucket_cap_bytes: int = DEFAULT_BUCKET_CAP_BYTES) -> None:
+        """Overwrite ``tensors`` with rank ``src``'s values (``src`` is a global rank), coalesced."""
+        if not tensors or not self.distributed:
+            return
+        self.ledger.record({category: broadcast_round(tensors, src, self.group, bucket_cap_bytes)})
+
+    # ------------------------------------------------------------------ small control collectives
+    def all_reduce_max(self, values: Tensor, category: str = "control") -> Tensor:
+        """The element-wise maximum of ``values`` over the group (a new tensor on :attr:`device`)."""
+        out = values.detach().to(self.device, copy=True)
+        if self.distributed:
+            dist.all_reduce(out, op=dist.ReduceOp.MAX, group=self.group)
+            self.ledger.record({category: out.numel() * out.element_size()})
+        return out
+
+    def broadcast_object(self, obj: Any, src: int = 0, category: str = "control") -> Any:
+        """Pickle ``obj`` on rank ``src`` and broadcast it: an int64 size, then the payload as uint8.
+
+        Two plain broadcasts rather than ``broadcast_object_list`` so that the bytes are known exactly:
+        ``8 + len(pickle.dumps(obj))``. Call on every rank."""
+        if not self.distributed:
+            return obj
+        mine = self.rank == src
+        payload = pickle.dumps(obj) if mine else b""
+        size = torch.tensor([len(payload)], dtype=torch.int64, device=self.device)
+        dist.broadcast(size, src=src, group=self.group)
+        n = int(size.item())
+        buf = torch.empty(n, dtype=torch.uint8, device=self.device)
+        if mine:
+            buf.copy_(torch.frombuffer(bytearray(payload), dtype=torch.uint8))
+        dist.broadcast(buf, src=src, group=self.group)
+        self.ledger.record({category: size.numel() * size.element_size() + n})
+        return obj if mine else pickle.loads(buf.cpu().numpy().tobytes())
+
+    def all_gather_object(self, obj: Any, category: str = "control") -> list[Any]:
+        """Every rank's ``obj``, in rank order; bytes: this rank's pickled size times the group size."""
+        if not self.distributed:
+            return [obj]
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj, group=self.group)
+        self.ledger.record({category: len(pickle.dumps(obj)) * self.world_size})
+        return out
+
+    # ------------------------------------------------------------------ hierarchy
+    def split(self, group_size: int, inner_ledger: CommLedger) -> tuple["Comm", "Comm"]:
+        """The two levels of hierarchical groups: ``(inner, outer)``.
+
+        ``inner`` is this rank's group of ``group_size`` consecutive ranks, metered in ``inner_ledger``;
+        ``outer`` joins the ranks with this rank's position in every group, metered in this ledger.
+        Collective: every rank calls it once, in the same order (``new_group``)."""
+        inner_ranks, outer_ranks = group_ranks(self.world_size, group_size)
+        mine: dict[str, Any] = {}
+        for kind, groups in (("inner", inner_ranks), ("outer", outer_ranks)):
+            for ranks in groups:
+                handle = dist.new_group(ranks)
+                if self.rank in ranks:
+                    mine[kind] = handle
+        return Comm(inner_ledger, mine["inner"], self.device), Comm(self.ledger, mine["outer"], self.device)

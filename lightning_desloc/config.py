@@ -1,0 +1,304 @@
+"""One keyword-only configuration for DES-LOC, validated in one place.
+
+:class:`DeslocConfig` holds every knob; the optional mechanisms have small sub-configs that are
+``None`` when off (:class:`OuterConfig`, :class:`HierarchyConfig`, :class:`DriftConfig`) or only read
+when their feature is on (:class:`AutoConfig` with ``param_sync_every="auto"``). Every config is a
+frozen dataclass and checks itself at construction, so a wrong value fails before any process starts,
+with a message that names the fix.
+
+The Lightning adapters (:class:`~lightning_desloc.DeslocStrategy`,
+:class:`~lightning_desloc.fabric.DeslocFabricStrategy`) keep a flat, typed signature that LightningCLI
+sees, and turn it into a config with :meth:`DeslocConfig.from_arguments`; the documentation of each
+argument lives once, in :data:`ARGUMENT_DOCS`, and is put into their docstrings from there.
+
+Example::
+
+    >>> cfg = DeslocConfig.from_arguments(param_sync_every=64, outer_lr=0.7)
+    >>> cfg.param_sync_every, cfg.outer
+    (64, OuterConfig(lr=0.7, momentum=0.9, nesterov=True))
+    >>> cfg.schedule().state_sync_every["exp_avg_sq"]      # the paper's 6 * K_x
+    384
+    >>> DeslocConfig(param_sync_every=0)
+    Traceback (most recent call last):
+    ...
+    ValueError: param_sync_every must be a positive integer number of optimizer steps, got 0. Pass e.g. param_sync_every=256.
+"""
+
+from __future__ import annotations
+
+import textwrap
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional, Union
+
+from lightning_desloc.compression import Compression, parse_compression
+from lightning_desloc.groups import GRADIENTS_EVERY_STEP, make_group_schedule
+from lightning_desloc.schedule import StatePolicy, StateSyncEvery, SyncSchedule
+
+ValidateOn = Literal["consensus", "local"]
+ParamSyncEvery = Union[int, Literal["auto"]]
+#: default largest flat buffer of one collective, MiB
+DEFAULT_BUCKET_CAP_MB = 64.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class OuterConfig:
+    """The DiLoCo-style outer SGD step on each parameter average (:mod:`lightning_desloc.outer`)."""
+
+    #: outer learning rate; ``1`` with ``momentum=0`` is plain averaging
+    lr: float
+    #: outer momentum in ``[0, 1)``
+    momentum: float = 0.9
+    #: Nesterov momentum (ignored when ``momentum == 0``)
+    nesterov: bool = True
+
+    def __post_init__(self) -> None:
+        if not _is_number(self.lr) or not self.lr > 0:
+            raise ValueError(f"outer_lr must be a positive learning rate, got {self.lr!r}")
+        if not _is_number(self.momentum) or not 0 <= self.momentum < 1:
+            raise ValueError(f"outer_momentum must be in [0, 1), got {self.momentum!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class HierarchyConfig:
+    """Groups of consecutive ranks with a fast level inside (:mod:`lightning_desloc.groups`)."""
+
+    #: ranks per group (e.g. the devices of one node)
+    group_size: int
+    #: the inner level's period in optimizer steps: ``1`` all-reduces gradients every step, ``k > 1``
+    #: averages parameters within the group every ``k`` steps
+    param_sync_every: int = GRADIENTS_EVERY_STEP
+    #: the inner level's state periods (as ``state_sync_every``); only with ``param_sync_every > 1``
+    state_sync_every: StateSyncEvery = None
+
+    def __post_init__(self) -> None:
+        g = self.group_size
+        if isinstance(g, bool) or not isinstance(g, int) or g < 1:
+            raise ValueError(f"group_size must be a positive number of ranks per group, got {g!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class AutoConfig:
+    """``param_sync_every="auto"``: the periods chosen from measured times (:mod:`lightning_desloc.adaptive`)."""
+
+    #: fraction of the step time communication may take, in ``(0, 1)``
+    comm_budget: float = 0.05
+    #: parameter averages the run keeps at least (caps ``K_x`` when the run length is known)
+    min_param_syncs: int = 32
+    #: local steps timed before the first (timed) parameter average
+    warmup_steps: int = 16
+
+    def __post_init__(self) -> None:
+        if self.warmup_steps < 2:
+            raise ValueError(f"auto periods need at least 2 warm-up steps to time a step, got {self.warmup_steps}")
+        if not _is_number(self.comm_budget) or not 0 < self.comm_budget < 1:
+            raise ValueError(f"comm_budget is a fraction of the step time in (0, 1), got {self.comm_budget!r}")
+        if not (isinstance(self.min_param_syncs, int) and self.min_param_syncs >= 1):
+            raise ValueError(f"min_param_syncs is a number of parameter averages per run (>= 1), got "
+                             f"{self.min_param_syncs!r}; use 1 to let the time budget alone decide")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DriftConfig:
+    """An early parameter average when the ranks drift apart (:class:`~lightning_desloc.adaptive.DriftTrigger`)."""
+
+    #: bound on ``||x_i - xbar|| / ||xbar||`` (max over ranks) above which the parameters are averaged
+    max_drift: float
+    #: optimizer steps between drift checks (each all-reduces one float)
+    check_every: int = 16
+
+    def __post_init__(self) -> None:
+        if not _is_number(self.max_drift) or not self.max_drift > 0:
+            raise ValueError(f"max_drift must be a positive relative distance, got {self.max_drift!r}")
+        if isinstance(self.check_every, bool) or not isinstance(self.check_every, int) or self.check_every < 1:
+            raise ValueError(f"drift_check_every must be a positive number of steps, got {self.check_every!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DeslocConfig:
+    """Everything DES-LOC is told; built once, validated at construction. See :data:`ARGUMENT_DOCS`."""
+
+    #: ``K_x``: optimizer steps between parameter averages, or ``"auto"``
+    param_sync_every: ParamSyncEvery = 256
+    #: periods of the optimizer states (``None``: ``3 K_x`` first moments, ``6 K_x`` second moments)
+    state_sync_every: StateSyncEvery = None
+    #: ``"average"`` (DES-LOC), or the baselines ``"keep_local"`` and ``"reset"``
+    state_policy: StatePolicy = "average"
+    #: wire format per category, normalised to ``{key: "bf16" | "int8"}`` (empty: exact)
+    compression: Mapping[str, str] = field(default_factory=dict)
+    #: the outer optimizer, ``None``: off
+    outer: Optional[OuterConfig] = None
+    #: hierarchical groups, ``None``: off
+    hierarchy: Optional[HierarchyConfig] = None
+    #: the policy of ``param_sync_every="auto"`` (read only then)
+    auto: AutoConfig = field(default_factory=AutoConfig)
+    #: the drift trigger, ``None``: off
+    drift: Optional[DriftConfig] = None
+    #: largest flat buffer of one collective, MiB (``2**20`` bytes)
+    bucket_cap_mb: float = DEFAULT_BUCKET_CAP_MB
+    #: what validation during fit evaluates: the ranks' mean (``"consensus"``) or each rank's own
+    validate_on: ValidateOn = "consensus"
+    #: send the ledger (``comm/...``) to the loggers after every round
+    log_comm: bool = True
+    #: on resume, start from the consensus instead of raising when a shard is bad
+    allow_consensus_fallback: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "compression", parse_compression(self.compression))
+        if self.param_sync_every == "auto":
+            if self.state_sync_every is not None:
+                raise ValueError("param_sync_every='auto' chooses the state periods too; leave state_sync_every=None")
+        self.schedule()  # validates the periods and the state policy with the schedule's own messages
+        if self.hierarchy is not None:
+            self.group_schedule()  # validates the inner level against the rest
+        if not _is_number(self.bucket_cap_mb) or not self.bucket_cap_mb > 0:
+            raise ValueError(f"bucket_cap_mb must be a positive size in MiB, got {self.bucket_cap_mb!r}")
+        if self.validate_on not in ("consensus", "local"):
+            raise ValueError(f"validate_on must be 'consensus' or 'local', got {self.validate_on!r}")
+
+    @property
+    def is_auto(self) -> bool:
+        return self.param_sync_every == "auto"
+
+    @property
+    def bucket_cap_bytes(self) -> int:
+        return int(self.bucket_cap_mb * 2**20)
+
+    def schedule(self) -> SyncSchedule:
+        """The schedule in force at the start. With ``"auto"``: the warm-up's, a single timed parameter
+        average after ``auto.warmup_steps`` steps (the policy then chooses the rest)."""
+        if self.is_auto:
+            return SyncSchedule(self.auto.warmup_steps, None, self.state_policy)
+        return SyncSchedule(self.param_sync_every, self.state_sync_every, self.state_policy)  # type: ignore[arg-type]
+
+    def group_schedule(self) -> Optional[SyncSchedule]:
+        """The inner level's schedule: ``None`` without groups or with gradients all-reduced every step."""
+        h = self.hierarchy
+        if h is None:
+            return None
+        return make_group_schedule(h.group_size, h.param_sync_every, h.state_sync_every, self.state_policy,
+                                   self.is_auto, None if self.drift is None else self.drift.max_drift)
+
+    @classmethod
+    def from_arguments(
+        cls,
+        *,
+        param_sync_every: ParamSyncEvery = 256,
+        state_sync_every: StateSyncEvery = None,
+        state_policy: StatePolicy = "average",
+        compression: Compression = None,
+        outer_lr: Optional[float] = None,
+        outer_momentum: float = 0.9,
+        outer_nesterov: bool = True,
+        group_size: Optional[int] = None,
+        group_param_sync_every: int = GRADIENTS_EVERY_STEP,
+        group_state_sync_every: StateSyncEvery = None,
+        comm_budget: float = 0.05,
+        min_param_syncs: int = 32,
+        max_drift: Optional[float] = None,
+        drift_check_every: int = 16,
+        bucket_cap_mb: float = DEFAULT_BUCKET_CAP_MB,
+        validate_on: ValidateOn = "consensus",
+        log_comm: bool = True,
+        allow_consensus_fallback: bool = False,
+    ) -> "DeslocConfig":
+        """The config from the adapters' flat arguments (the names of :data:`ARGUMENT_DOCS`)."""
+        if group_size is None and (group_param_sync_every != GRADIENTS_EVERY_STEP or group_state_sync_every is not None):
+            raise ValueError(
+                "group_param_sync_every and group_state_sync_every set the periods inside hierarchical groups, "
+                "but group_size is None (no groups). Set group_size (e.g. the devices per node), or leave "
+                "group_param_sync_every=1 and group_state_sync_every=None."
+            )
+        return cls(
+            param_sync_every=param_sync_every,
+            state_sync_every=state_sync_every,
+            state_policy=state_policy,
+            compression=compression,  # type: ignore[arg-type]  # normalised in __post_init__
+            outer=None if outer_lr is None else OuterConfig(lr=outer_lr, momentum=outer_momentum, nesterov=outer_nesterov),
+            hierarchy=None if group_size is None else HierarchyConfig(
+                group_size=group_size, param_sync_every=group_param_sync_every, state_sync_every=group_state_sync_every),
+            auto=AutoConfig(comm_budget=comm_budget, min_param_syncs=min_param_syncs),
+            drift=None if max_drift is None else DriftConfig(max_drift=max_drift, check_every=drift_check_every),
+            bucket_cap_mb=bucket_cap_mb,
+            validate_on=validate_on,
+            log_comm=log_comm,
+            allow_consensus_fallback=allow_consensus_fallback,
+        )
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+#: The one description of every argument of the adapters, in their signature order.
+ARGUMENT_DOCS: dict[str, str] = {
+    "param_sync_every": """``K_x``, optimizer steps between parameter averages, or ``"auto"``: the first 16
+        local steps and the parameter average after them are timed, then ``K_x`` and the state periods are
+        chosen (policy in :mod:`lightning_desloc.adaptive`) and logged.""",
+    "state_sync_every": """periods of the optimizer states, in optimizer steps. ``None``: first moments
+        (``exp_avg``, ``momentum_buffer``, ...) every ``3 * K_x``, second moments (``exp_avg_sq``,
+        ``max_exp_avg_sq``, ...) every ``6 * K_x``. An ``int``: one period for all states
+        (``param_sync_every`` gives Local Adam). A dict ``{key: period}`` overrides single keys.""",
+    "validate_on": """which model validation during ``fit`` evaluates. ``"consensus"`` (default): the
+        ranks' parameter mean, i.e. the model a checkpoint or the end of training gives you; it costs one
+        parameter all-reduce per validation run unless the parameters were just averaged (ledger category
+        ``eval``), and local parameters are restored afterwards. ``"local"``: each rank's own parameters,
+        no bytes.""",
+    "state_policy": """``"average"`` for DES-LOC (and Local Adam). The baselines: ``"keep_local"`` never
+        averages optimizer states; ``"reset"`` zeroes tensor states (not ``step``) right after every
+        parameter average. Both take ``state_sync_every=None``.""",
+    "compression": """wire format of the schedule's averages, ``"none"``, ``"bf16"`` or ``"int8"`` (1 byte
+        per element plus a float32 scale per 256), as one string for everything or per category:
+        ``{"params": "bf16", "states": "int8"}``, or per state key (``{"exp_avg_sq": "bf16"}``). int8
+        parameters are sent as the change since the last average, with error feedback. The ledger counts
+        the encoded bytes. Off (``None``) by default; one optimizer only.""",
+    "outer_lr": """turn on the DiLoCo-style outer optimizer (off when ``None``): at each parameter average,
+        ``last global params - average`` is a pseudo-gradient for an SGD step with this learning rate,
+        ``outer_momentum`` and Nesterov (``outer_nesterov``), and every rank takes the result.
+        ``outer_lr=1, outer_momentum=0`` equals plain averaging. One optimizer only.""",
+    "outer_momentum": """momentum of the outer SGD step, in ``[0, 1)``; only with ``outer_lr``.""",
+    "outer_nesterov": """Nesterov momentum for the outer step; only with ``outer_lr``.""",
+    "group_size": """hierarchical synchronisation (off when ``None``): consecutive ranks in groups of this
+        size (e.g. the devices of one node) all-reduce gradients every step like DDP, and DES-LOC's
+        schedule runs across groups. The inner level has its own ledger, ``group_ledger``.""",
+    "group_param_sync_every": """the level inside the groups, in optimizer steps. ``1`` (default): the
+        gradients are all-reduced inside each group every step. ``k_in > 1``: no gradient all-reduce; the
+        ranks of a group average their parameters within the group every ``k_in`` steps (bytes in
+        ``group_ledger``). Whatever the outer level has due is averaged within the group first and then
+        across groups, so it becomes the mean over all ranks. Needs ``group_size`` and
+        ``state_policy="average"``; not with ``"auto"`` or ``max_drift``. See :mod:`lightning_desloc.groups`.""",
+    "group_state_sync_every": """periods of the optimizer states inside the groups, in optimizer steps, as
+        ``state_sync_every`` (``None``: first moments every ``3 * k_in``, second moments every ``6 * k_in``;
+        an ``int``; a dict per key). Only with ``group_param_sync_every > 1``.""",
+    "comm_budget": """with ``param_sync_every="auto"``: the fraction of step time communication may take.""",
+    "total_steps": """the run's length in optimizer steps, when known: with ``"auto"`` it caps ``K_x`` (see
+        ``min_param_syncs``). The Trainer strategy reads ``trainer.estimated_stepping_batches`` instead.""",
+    "min_param_syncs": """with ``param_sync_every="auto"``: ``K_x`` is capped so that the run (its length in
+        optimizer steps) has at least this many parameter averages; ``1`` leaves the choice to the time
+        budget alone.""",
+    "max_drift": """when set, every ``drift_check_every`` steps the ranks compare (one float) how far they
+        moved from the last consensus, ``||x_i - xbar|| / ||xbar||``; above this bound the parameters are
+        averaged at once, outside the schedule (``early_syncs`` counts them). One optimizer only.""",
+    "drift_check_every": """optimizer steps between drift checks; only with ``max_drift``.""",
+    "bucket_cap_mb": """largest flat buffer of one all-reduce, in MiB.""",
+    "log_comm": """log the communication ledger (``comm/...``) to the trainer's loggers at each sync.""",
+    "allow_consensus_fallback": """on resume, a truncated, corrupt or foreign per-rank shard raises
+        :class:`~lightning_desloc.checkpoint.CheckpointShardError` (default). ``True`` starts every rank
+        from the consensus in the main checkpoint file instead, with a warning. See ``docs/checkpointing.md``.""",
+}
+
+
+def args_section(names: Iterable[str], indent: str = "    ") -> str:
+    """A Google-style ``Args:`` section for ``names``, from :data:`ARGUMENT_DOCS` (for the adapters' docstrings).
+
+    >>> print(args_section(["bucket_cap_mb"], indent=""))
+    Args:
+        bucket_cap_mb: largest flat buffer of one all-reduce, in MiB.
+    """
+    lines = [f"{indent}Args:"]
+    for name in names:
+        text = " ".join(textwrap.dedent(ARGUMENT_DOCS[name]).split())
+        wrapped = textwrap.wrap(f"{name}: {text}", width=100 - len(indent) - 4,
+                                subsequent_indent="    ")
+        lines.extend(f"{indent}    {line}" for line in wrapped)
+    return "\n".join(lines)

@@ -1,0 +1,113 @@
+"""The extension interface: an optional mechanism is a :class:`SyncOption`, called at fixed points.
+
+The core (:meth:`DeslocSync.after_step <lightning_desloc.sync.DeslocSync.after_step>`) runs each
+completed optimizer step the same way, top to bottom::
+
+    count the step  ->  ask each level's schedule what is due  ->  option.adjust(...)  (every option)
+      ->  run the rounds, innermost level first  ->  option.after_round(...)  (when the outermost
+      level averaged something)  ->  refresh the consensus snapshot  ->  log the ledger
+
+An option never runs a round of its own and the step never asks which options are on: the options
+are chosen once, from the config, when the core is built. Each owns its state: :meth:`state_dict` is
+saved in checkpoints, in the main file when :attr:`SyncOption.shared` (equal on every rank) or in each
+rank's shard otherwise.
+
+The options of this package: :class:`~lightning_desloc.adaptive.DriftTrigger` (adjust: an early
+parameter average), :class:`~lightning_desloc.adaptive.AutoPeriods` (adjust: time the warm-up;
+after_round: choose the periods), :class:`~lightning_desloc.outer.OuterStep` (after_round: the outer
+SGD step), :class:`ResetStates` (after_round: the ``"reset"`` baseline) and
+:class:`~lightning_desloc.compression.CompressionOption` (the wire format of the outermost round, and
+its error-feedback memory). A new one subclasses :class:`SyncOption` and overrides what it needs;
+:class:`ResetStates` below is a complete example.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Optional
+
+import torch
+from torch.optim import Optimizer
+
+from lightning_desloc.schedule import NEVER_AVERAGED_KEYS, SyncPlan
+
+if TYPE_CHECKING:
+    from lightning_desloc.sync import DeslocSync
+
+Metrics = dict[str, float]
+
+
+@dataclass
+class Round:
+    """The outermost round of one step, as the options see it after it ran."""
+
+    #: the optimizer step ``s`` it followed
+    step: int
+    optimizer: Optimizer
+    #: what it averaged
+    plan: SyncPlan
+    #: the optimizer's averaged state keys
+    state_keys: tuple[str, ...]
+    #: wall time of the round, seconds
+    seconds: float
+    #: set by an option that wrote the new global parameters into the snapshot itself (the outer step)
+    snapshot_taken: bool = False
+
+
+class SyncOption:
+    """An optional mechanism of the step. Every method has a do-nothing default."""
+
+    #: key of its state in checkpoints
+    name: str = "option"
+    #: whether its state is equal on every rank (saved once, in the main file) or per rank (shards)
+    shared: bool = True
+    #: whether it reads the core's consensus snapshot (the core then keeps one)
+    needs_snapshot: bool = False
+
+    def attach(self, core: "DeslocSync", optimizers: Sequence[Optimizer]) -> None:
+        """The core starts scheduling ``optimizers``; raise ``ValueError`` for what the option cannot do."""
+
+    def adjust(self, step: int, plan: SyncPlan, optimizer: Optimizer) -> SyncPlan:
+        """Before the rounds of step ``step``: return the outermost level's plan, changed or not."""
+        return plan
+
+    def after_round(self, rnd: Round) -> Optional[Metrics]:
+        """After the outermost round: act on its result; metrics returned are logged with the ledger."""
+        return None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: Optional[dict[str, Any]], device: Optional[torch.device] = None) -> None:
+        """Restore :meth:`state_dict`; ``None`` when there is none for this rank (a resume from the consensus)."""
+
+
+def one_optimizer(optimizers: Sequence[Optimizer], what: str) -> None:
+    """The options that keep one flat copy of the parameters support one optimizer."""
+    if len(optimizers) > 1:
+        raise ValueError(f"{what} support one optimizer; turn them off for several optimizers")
+
+
+class ResetStates(SyncOption):
+    """``state_policy="reset"``: zero every averaged tensor state right after each parameter average
+    (the schedule marks those plans ``reset_states``); ``step`` is kept."""
+
+    name = "reset"
+
+    def after_round(self, rnd: Round) -> Optional[Metrics]:
+        if rnd.plan.reset_states:
+            for group in rnd.optimizer.param_groups:
+                for p in group["params"]:
+                    for key, value in rnd.optimizer.state.get(p, {}).items():
+                        if is_averaged(key, value, p):
+                            value.zero_()
+        return None
+
+
+def is_averaged(key: str, value: Any, param: Optional[torch.Tensor]) -> bool:
+    """Whether state ``key`` = ``value`` of ``param`` is averaged: a floating tensor, not a counter, and not
+    a scalar unless the parameter itself is one (``param=None``: unknown, so a scalar is not averaged)."""
+    if key in NEVER_AVERAGED_KEYS or not isinstance(value, torch.Tensor) or not value.is_floating_point():
+        return False
+    return value.dim() > 0 or (param is not None and param.dim() == 0)

@@ -1,0 +1,221 @@
+"""The core (``DeslocSync``) alone, in one process: ranks are threads joined by a fake Comm.
+
+Each test compares with something the core did not produce: the reference simulator
+(``reference.py``, written from the equations), byte counts worked out by hand, or an uninterrupted
+run. Real-process tests of the same behaviour through Lightning live in test_equivalence.py,
+test_groups_periods.py, test_strategy.py and the checkpoint tests.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+import reference as ref
+from fake_comm import run_on_threads
+from lightning_desloc.config import DeslocConfig
+from lightning_desloc.options import SyncOption
+from lightning_desloc.schedule import SyncPlan
+from lightning_desloc.sync import DeslocSync
+
+_init = threading.Lock()  # torch's global RNG is shared by the threads
+
+
+def make_worker(cfg: ref.Config):
+    net = torch.nn.Sequential(torch.nn.Linear(ref.IN, ref.HIDDEN), torch.nn.Tanh(),
+                              torch.nn.Linear(ref.HIDDEN, ref.OUT)).double()
+    with torch.no_grad():
+        for p, value in zip(net.parameters(), ref.start_params(0, cfg.seed)):
+            p.copy_(value)
+    if cfg.optimizer == "sgd":
+        opt = torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+    else:
+        opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+    return net, opt
+
+
+def snapshot(net, opt, keys) -> dict:
+    params = list(net.parameters())
+    state = {k: [opt.state[p][k].clone() for p in params] for k in keys if params[0] in opt.state}
+    step = int(opt.state[params[0]]["step"]) if params[0] in opt.state and "step" in opt.state[params[0]] else 0
+    return {"params": [p.detach().clone() for p in params], "state": state, "step": step}
+
+
+def train(rank: int, world: int, comm, cfg: ref.Config, n_calls: int, config: DeslocConfig, group_first=False):
+    """One thread-rank: the reference's batches, the core after every step; a snapshot after each call.
+    A call in ``cfg.skip_calls`` is not stepped (what a GradScaler does with inf gradients)."""
+    with _init:
+        net, opt = make_worker(cfg)
+    core = DeslocSync(config, comm=comm)
+    if group_first:
+        core.setup_groups()
+    core.attach([opt])
+    history = [snapshot(net, opt, cfg.state_keys())]
+    plans = []
+    for call in range(n_calls):
+        x, y = ref.make_batch(rank, call, cfg.seed)
+        torch.nn.functional.mse_loss(net(x), y).backward()
+        i = core.begin_step(opt)
+        if call not in cfg.skip_calls:
+            opt.step()
+        plans.append(core.after_step(i, opt))
+        opt.zero_grad()
+        history.append(snapshot(net, opt, cfg.state_keys()))
+    return {"history": history, "plans": plans, "core": core}
+
+
+ADAM = ref.Config("adam", param_sync_every=2, state_sync_every={"exp_avg": 4, "exp_avg_sq": 6}, lr=0.05,
+                  skip_calls=frozenset({3}))
+
+
+def test_three_ranks_match_the_reference_after_every_step():
+    n_calls = 13
+    config = DeslocConfig(param_sync_every=2, state_sync_every={"exp_avg": 4, "exp_avg_sq": 6})
+    out = run_on_threads(train, 3, ADAM, n_calls, config)
+    want = ref.simulate(ADAM, n_calls, workers=3)
+    for call in range(n_calls + 1):
+        for rank in range(3):
+            ref.assert_snapshot_matches(out[rank]["history"][call], want[call][rank], f"call {call}, rank {rank}")
+    # the ledger by hand: float64, 12 completed steps (call 3 skipped): params after 2, 4, ..., 12;
+    # exp_avg after 4, 8, 12; exp_avg_sq after 6, 12; one round per step with anything due
+    n = ref.N_PARAMS * 8
+    ledger = out[0]["core"].ledger
+    assert dict(ledger.bytes) == {"params": 6 * n, "state/exp_avg": 3 * n, "state/exp_avg_sq": 2 * n}
+    assert ledger.rounds == 6 and ledger.ddp_equivalent_bytes == 12 * n
+    # what after_step returned: the plan of the round, None for a skipped or a local step
+    assert out[0]["plans"][3] is None and out[0]["plans"][4] == SyncPlan(4, params=True, states=("exp_avg",))
+
+
+def test_two_levels_match_the_two_level_reference():
+    sgd = ref.Config("sgd", param_sync_every=3, state_sync_every={"momentum_buffer": 6}, lr=0.05, nesterov=True)
+    n_calls = 12
+    config = DeslocConfig.from_arguments(param_sync_every=3, state_sync_every={"momentum_buffer": 6}, group_size=2,
+                                         group_param_sync_every=2, group_state_sync_every={"momentum_buffer": 4})
+    out = run_on_threads(train, 4, sgd, n_calls, config, True)
+    want = ref.simulate_two_level(sgd, n_calls, 2, 2, {"momentum_buffer": 4}, workers=4)
+    for call in range(n_calls + 1):
+        for rank in range(4):
+            ref.assert_snapshot_matches(out[rank]["history"][call], want[call][rank], f"call {call}, rank {rank}")
+    core = out[0]["core"]
+    n = ref.N_PARAMS * 8
+    # inner rounds carry the inner level's due and everything the outer level has due:
+    # params after 2, 3, 4, 6, 8, 9, 10, 12; momentum after 4, 6, 8, 12
+    assert dict(core.group_level.ledger.bytes) == {"params": 8 * n, "state/momentum_buffer": 4 * n}
+    # outer: params after 3, 6, 9, 12; momentum after 6, 12
+    assert dict(core.ledger.bytes) == {"params": 4 * n, "state/momentum_buffer": 2 * n}
+
+
+class Recording(SyncOption):
+    """An option that records when the core calls it and asks for an extra average at step 5."""
+
+    name = "recording"
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, int]] = []
+
+    def adjust(self, step, plan, optimizer):
+        self.calls.append(("adjust", step))
+        return SyncPlan(step, True, plan.states) if step == 5 else plan
+
+    def after_round(self, rnd):
+        self.calls.append(("after_round", rnd.step))
+        return {"recording/step": float(rnd.step)}
+
+
+def _with_recording(rank, world, comm):
+    with _init:
+        net, opt = make_worker(ADAM)
+    logged = []
+    core = DeslocSync(DeslocConfig(param_sync_every=4, state_sync_every=100), comm=comm, log=logged.append)
+    option = Recording()
+    core.options.append(option)
+    core.attach([opt])
+    for call in range(8):
+        x, y = ref.make_batch(rank, call)
+        torch.nn.functional.mse_loss(net(x), y).backward()
+        i = core.begin_step(opt)
+        opt.step()
+        core.after_step(i, opt)
+        opt.zero_grad()
+    return option.calls, logged, [p.detach().clone() for p in net.parameters()], core
+
+
+def test_an_option_is_called_at_the_fixed_points_of_the_step():
+    (calls, logged, p0, core), (_, _, p1, _) = run_on_threads(_with_recording, 2)
+    # adjust before every step's rounds, after_round only after a round of the outermost level
+    assert calls == [("adjust", 1), ("adjust", 2), ("adjust", 3), ("adjust", 4), ("after_round", 4),
+                     ("adjust", 5), ("after_round", 5), ("adjust", 6), ("adjust", 7), ("adjust", 8),
+                     ("after_round", 8)]
+    assert [m["recording/step"] for m in logged] == [4.0, 5.0, 8.0]
+    assert all(torch.equal(a, b) for a, b in zip(p0, p1))  # step 8 averaged the parameters
+    assert core.ledger.rounds_by_category["params"] == 3
+
+
+def _resumable(rank, world, comm, stop_at, state):
+    """Train 10 steps with the outer step, int8 parameters and the drift trigger; at ``stop_at`` save the
+    core, the model and the optimizer, then rebuild everything from the save and go on."""
+    config = DeslocConfig.from_arguments(param_sync_every=3, state_sync_every={"exp_avg": 6, "exp_avg_sq": 6},
+                                         outer_lr=0.7, compression={"params": "int8"}, max_drift=1e-3,
+                                         drift_check_every=2)
+    with _init:
+        net, opt = make_worker(ADAM)
+    core = DeslocSync(config, comm=comm)
+    core.attach([opt])
+    for call in range(10):
+        if call == stop_at:
+            saved = {"core": core.state_dict(), "model": net.state_dict(), "opt": opt.state_dict()}
+            saved = {k: _deep_clone(v) for k, v in saved.items()}
+            with _init:
+                net, opt = make_worker(ADAM)
+            net.load_state_dict(saved["model"])
+            opt.load_state_dict(saved["opt"])
+            core = DeslocSync(config, comm=comm)
+            core.attach([opt])
+            core.load_state_dict(saved["core"])
+        x, y = ref.make_batch(rank, call)
+        torch.nn.functional.mse_loss(net(x), y).backward()
+        i = core.begin_step(opt)
+        opt.step()
+        core.after_step(i, opt)
+        opt.zero_grad()
+    return [p.detach().clone() for p in net.parameters()], core.state_dict()
+
+
+def _deep_clone(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.clone()
+    if isinstance(obj, dict):
+        return {k: _deep_clone(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_deep_clone(v) for v in obj]
+    return obj
+
+
+@pytest.mark.parametrize("stop_at", [4, 7])
+def test_core_state_dict_resumes_bit_for_bit(stop_at):
+    straight = run_on_threads(_resumable, 2, None, None)
+    resumed = run_on_threads(_resumable, 2, stop_at, None)
+    for rank in range(2):
+        assert all(torch.equal(a, b) for a, b in zip(straight[rank][0], resumed[rank][0])), rank
+        a, b = straight[rank][1], resumed[rank][1]
+        assert torch.equal(a["shared"]["snapshot"]["flat"], b["shared"]["snapshot"]["flat"])
+        assert torch.equal(a["shared"]["options"]["outer"]["momentum_buffer"],
+                           b["shared"]["options"]["outer"]["momentum_buffer"])
+        assert a["shared"]["options"]["drift"] == b["shared"]["options"]["drift"]
+    # the test is not vacuous: the drift trigger added averages, and the ranks differ between averages
+    assert straight[0][1]["shared"]["options"]["drift"]["early_syncs"] > 0
+
+
+def test_config_errors_name_the_fix():
+    with pytest.raises(ValueError, match="bucket_cap_mb must be a positive size in MiB"):
+        DeslocConfig(bucket_cap_mb=0)
+    with pytest.raises(ValueError, match="outer_momentum must be in"):
+        DeslocConfig.from_arguments(outer_lr=0.5, outer_momentum=1.0)
+    with pytest.raises(ValueError, match="group_param_sync_every and group_state_sync_every set the periods"):
+        DeslocConfig.from_arguments(group_param_sync_every=4)
+    with pytest.raises(ValueError, match="validate_on must be 'consensus' or 'local'"):
+        DeslocConfig(validate_on="mean")
+    with pytest.raises(TypeError):
+        DeslocConfig(64)  # keyword-only: a positional period cannot land in the wrong field
