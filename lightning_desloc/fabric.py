@@ -249,14 +249,15 @@ class DeslocFabricStrategy(MeteredCollectives, DDPStrategy):
         converted = self._convert_stateful_objects_in_state(state, filter=filter or {})
         desloc_checkpoint.save(self.core, converted, path, layout)
 
-    def load_checkpoint(self, path: Any, state: Optional[Any] = None, strict: bool = True) -> dict[str, Any]:
+    def load_checkpoint(self, path: Any, state: Optional[Any] = None, strict: bool = True,
+                        weights_only: Optional[bool] = None) -> dict[str, Any]:
         """``fabric.load``: resume each rank's own state from its shard (same world size, valid shards) or
         every rank from the consensus, restoring the core's state too. Returns the entries of the file
         that ``state`` did not ask for (without DES-LOC's own metadata)."""
         if not isinstance(state, dict) or not state:
-            return super().load_checkpoint(path, state, strict)  # a bare module/optimizer: the consensus
+            return super().load_checkpoint(path, state, strict, weights_only=weights_only)  # the consensus
         layout = self._layout(state)
-        main = self.checkpoint_io.load_checkpoint(path)
+        main = self.checkpoint_io.load_checkpoint(path, weights_only=weights_only)
         main, self.resume_decision = desloc_checkpoint.load(
             self.core, path, main, modules=[state[k] for k in layout.modules], layout=layout, strict=strict,
             allow_consensus_fallback=self.core.config.allow_consensus_fallback, info=rank_zero_info, warn=rank_zero_warn,
