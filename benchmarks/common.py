@@ -1,12 +1,20 @@
-"""Small helpers shared by the benchmark scripts: markdown tables and a collective-call counter.
+"""Small helpers shared by the benchmark scripts: markdown tables, a collective-call counter, and the
+one reader of "bytes a rank has sent by step t" from a run's ``metrics.csv``.
 
 The counter replaces ``torch.distributed.all_reduce`` (and ``broadcast``/``all_gather``) inside a
 worker process by a wrapper that adds up the payload bytes of every call, keyed by the module that
 called it. It is an independent count: it knows nothing about the strategy's ledger.
+
+:func:`bytes_sent_by_step` (``{step: bytes}`` from a CSVLogger ``metrics.csv``'s rows; setup broadcast
+excluded, carried forward between averaging rounds, ``grad_bytes * (step + 1)`` for DDP) is
+``lightning_desloc.plot.bytes_sent_by_step``, re-exported here: the package's plot command needs it
+and cannot import ``benchmarks/``, so there is a single implementation, there. :func:`read_rows` reads
+the rows.
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import sys
 from collections.abc import Sequence
@@ -17,6 +25,23 @@ import torch
 import torch.distributed as dist
 
 REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # the package, for scripts run from a checkout without installing it
+    sys.path.append(str(REPO))
+
+from lightning_desloc.plot import bytes_sent_by_step  # noqa: E402  (the one implementation; see above)
+
+__all__ = ["REPO", "CollectiveCounter", "bytes_sent_by_step", "fmt_int", "markdown_table", "parse_markdown_table",
+           "read_rows", "write_json"]
+
+
+def read_rows(path: str | Path) -> list[dict[str, str]]:
+    """The rows of a CSVLogger ``metrics.csv`` (``path``: the file, or a logger directory holding
+    ``version_0/metrics.csv``), as ``csv.DictReader`` gives them: strings, ``""`` for empty cells."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "version_0" / "metrics.csv"
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
 
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:

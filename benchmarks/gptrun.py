@@ -3,18 +3,22 @@
 * :func:`gpt_argv` builds the LightningCLI command line from one of the three configs plus overrides.
 * :func:`ensure_data` prepares the corpus once, in this process, before any multi-process run (so that
   two "nodes" never prepare the same directory at the same time).
-* :func:`read_metrics` reads a run's ``metrics.csv`` into validation points and training-loss points.
+* :func:`read_metrics` reads a run's ``metrics.csv`` into validation points, training-loss points and the
+  bytes sent by each step (:func:`common.bytes_sent_by_step`).
 """
 
 from __future__ import annotations
 
-import csv
 import json
 import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import bytes_sent_by_step, read_rows  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 TRAIN = REPO / "examples" / "gpt" / "train.py"
@@ -54,52 +58,51 @@ def gpt_argv(config: str, *, save_dir: str | Path, name: str, k: Optional[int | 
 
 @dataclass
 class Metrics:
-    #: (step, val_loss, train_s, fit_s); the clock columns are None without the TrainClock callback
+    #: (step, val_loss, train_s, fit_s), ``step`` counting the optimizer steps taken (Lightning's 0-based
+    #: ``step`` column + 1); the clock columns are None without the TrainClock callback
     val: list[tuple[int, float, Optional[float], Optional[float]]] = field(default_factory=list)
     #: (step, train_loss)
     train: list[tuple[int, float]] = field(default_factory=list)
-    #: (step, comm/bytes_total): the strategy's ledger, logged at every sync round (empty for DDP)
-    sent: list[tuple[int, float]] = field(default_factory=list)
+    #: :func:`common.bytes_sent_by_step` of the log: ``{Lightning step t (0-based): bytes sent in the first
+    #: t + 1 optimizer steps}``, setup broadcast excluded (empty for DDP without a gradient size)
+    sent: dict[int, float] = field(default_factory=dict)
     last: dict[str, float] = field(default_factory=dict)
 
     def bytes_at(self, step: int) -> Optional[float]:
-        """Bytes one rank sent up to ``step``: the ledger's total, or for DDP one gradient per step."""
-        if self.sent:
-            return max((b for s, b in self.sent if s <= step), default=0.0)
-        grad = self.last.get("model/grad_bytes_per_step")
-        return grad * step if grad is not None else None
+        """Bytes one rank sent in its first ``step`` optimizer steps (``step`` counts steps, as in
+        :attr:`val`): :func:`common.bytes_sent_by_step` at Lightning's 0-based ``step - 1``."""
+        if step <= 0:
+            return 0.0
+        return self.sent.get(step - 1)
 
 
 def read_metrics(run_dir: str | Path) -> Metrics:
     """``run_dir``: a logger directory (its ``version_0/metrics.csv``) or a ``metrics.csv``.
 
     ``val/loss`` is logged at the last training step and ``time/train_s`` right after at the same
-    or the next step, so each clock row is paired with the validation row before it."""
-    path = Path(run_dir)
-    if path.is_dir():
-        path = path / "version_0" / "metrics.csv"
+    or the next step, so each clock row is paired with the validation row before it. Bytes sent:
+    :func:`common.bytes_sent_by_step`."""
     out = Metrics()
     pending: Optional[tuple[int, float]] = None
-    with open(path) as f:
-        for row in csv.DictReader(f):
-            step = int(row["step"])
-            for key, value in row.items():
-                if value not in ("", None):
-                    try:
-                        out.last[key] = float(value)
-                    except ValueError:
-                        pass
-            if row.get("train/loss"):
-                out.train.append((step, float(row["train/loss"])))
-            if row.get("comm/bytes_total"):
-                out.sent.append((step, float(row["comm/bytes_total"])))
-            if row.get("val/loss"):
-                if pending is not None:
-                    out.val.append((pending[0], pending[1], None, None))
-                pending = (step + 1, float(row["val/loss"]))
-            if row.get("time/train_s") and pending is not None:
-                out.val.append((step, pending[1], float(row["time/train_s"]), float(row["time/fit_s"])))
-                pending = None
+    rows = read_rows(run_dir)
+    out.sent = bytes_sent_by_step(rows)
+    for row in rows:
+        step = int(row["step"])
+        for key, value in row.items():
+            if value not in ("", None):
+                try:
+                    out.last[key] = float(value)
+                except ValueError:
+                    pass
+        if row.get("train/loss"):
+            out.train.append((step, float(row["train/loss"])))
+        if row.get("val/loss"):
+            if pending is not None:
+                out.val.append((pending[0], pending[1], None, None))
+            pending = (step + 1, float(row["val/loss"]))
+        if row.get("time/train_s") and pending is not None:
+            out.val.append((pending[0], pending[1], float(row["time/train_s"]), float(row["time/fit_s"])))
+            pending = None
     if pending is not None:
         out.val.append((pending[0], pending[1], None, None))
     return out

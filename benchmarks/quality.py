@@ -33,7 +33,6 @@ that runs of other benchmarks on a shared machine do not overlap with it.
 from __future__ import annotations
 
 import argparse
-import csv
 import fcntl
 import json
 import math
@@ -47,7 +46,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import REPO, markdown_table, write_json  # noqa: E402
+from common import REPO, bytes_sent_by_step, markdown_table, read_rows, write_json  # noqa: E402
 
 TRAIN = REPO / "examples" / "gpt" / "train.py"
 CONFIG = {"ddp": "configs/gpt-tiny-ddp.yaml", "local-adam": "configs/gpt-tiny-local-adam.yaml",
@@ -103,26 +102,35 @@ def locked(path: str | None):
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def read_result(run_dir: Path, steps: int) -> dict:
-    """Final val loss and ledger bytes from ``run_dir/version_0/metrics.csv``."""
-    rows = list(csv.DictReader(open(run_dir / "version_0" / "metrics.csv")))
+def read_result(run_dir: Path) -> dict:
+    """Final val loss and ledger bytes from ``run_dir/version_0/metrics.csv``.
+
+    Everything is read at the step of the last validation (the end of training: ``--steps`` is a
+    multiple of ``--val-every``). ``all_bytes`` is :func:`common.bytes_sent_by_step` there (setup
+    broadcast excluded; for DDP one gradient per step taken); the per-category split
+    (``bytes_by_category``, ``sync_bytes``, ``inner_bytes``) is the last value of each column logged
+    at or before it."""
+    rows = read_rows(run_dir)
     val = [(int(r["step"]), float(r["val/loss"])) for r in rows if r.get("val/loss")]
+    sent = bytes_sent_by_step(rows)
+    final_step = val[-1][0] if val else max(sent, default=None)
     last: dict[str, float] = {}
-    for r in rows:  # latest value of every comm/ and model/ column
+    for r in rows:  # latest value of every comm/ and model/ column up to the final step
+        if final_step is not None and r.get("step") and int(r["step"]) > final_step:
+            continue
         for k, v in r.items():
             if v and (k.startswith("comm/") or k.startswith("model/")):
                 last[k] = float(v)
     grad = last.get("model/grad_bytes_per_step")
     cats = {k[len("comm/bytes/"):]: v for k, v in last.items() if k.startswith("comm/bytes/")}
-    sync = sum(v for k, v in cats.items() if k.startswith(("params", "buffers", "state/")))
     inner = sum(v for k, v in last.items() if k.startswith("comm/group/bytes/"))
     out = {"val": val, "final_val_loss": val[-1][1] if val else math.nan, "grad_bytes_per_step": grad,
            "bytes_by_category": cats, "inner_bytes": inner, "auto": {k: v for k, v in last.items() if k.startswith("comm/auto/")}}
+    out["all_bytes"] = sent.get(final_step, math.nan) if final_step is not None else math.nan
     if cats:
-        out["sync_bytes"] = sync
-        out["all_bytes"] = sum(v for k, v in cats.items() if k != "setup")
-    else:  # DDP: one gradient per optimizer step
-        out["sync_bytes"] = out["all_bytes"] = grad * steps if grad else math.nan
+        out["sync_bytes"] = sum(v for k, v in cats.items() if k.startswith(("params", "buffers", "state/")))
+    else:  # DDP: every byte is a gradient all-reduce
+        out["sync_bytes"] = out["all_bytes"]
     return out
 
 
@@ -150,7 +158,7 @@ def run_one(name: str, k: int, seed: int, args, out_dir: Path) -> dict:
         seconds = time.perf_counter() - t0
     res = None
     if (run_dir / "version_0" / "metrics.csv").exists():
-        res = read_result(run_dir, args.steps)
+        res = read_result(run_dir)
     # A worker that aborts at interpreter exit, after training and the last validation were logged
     # ("terminate called without an active exception", seen now and then on this machine), does not
     # change the numbers: accept the run when every validation reached the log, and say so.

@@ -18,7 +18,8 @@ DDP runs ``--steps`` steps; its final validation loss is the target. Local Adam 
 The clock (``slowlink.TrainClock``) is training wall clock from the first batch, without the
 validation passes (identical work in every run). Time to target = clock at the first validation at or
 below the target. Speed-ups are ratios of those times, all from this one invocation. Bytes to the
-target are the strategy's ledger (rank 0) at that validation; for DDP one gradient per step.
+target are the strategy's ledger (rank 0) at that validation without the setup broadcast, which DDP pays
+too; for DDP one gradient per step (``common.bytes_sent_by_step``).
 
     sudo python benchmarks/time_to_loss.py                 # ~8.5 minutes
     python benchmarks/time_to_loss.py --smoke              # tiny model and corpus, seconds

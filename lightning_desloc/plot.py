@@ -7,11 +7,12 @@ Each run is a ``metrics.csv`` written by Lightning's ``CSVLogger``, or a directo
 logger's ``name`` directory: its newest ``version_*`` is used). Writes ``val_loss_vs_step.png`` and
 ``val_loss_vs_bytes.png`` into ``--out`` and prints one summary line per run.
 
-Bytes communicated at a validation row of step ``t``:
+Bytes communicated at a validation row of step ``t`` are :func:`bytes_sent_by_step` at ``t`` (the one
+definition of "bytes sent by step t", which the benchmarks in ``benchmarks/`` import from here):
 
 * DES-LOC / Local Adam runs (``comm/...`` columns, logged by ``DeslocStrategy`` at each sync round):
-  ``comm/bytes_total - comm/bytes/setup`` of the last ledger row at or before ``t`` (the setup broadcast
-  is left out because DDP pays it too);
+  ``comm/bytes_total - comm/bytes/setup`` of the last ledger row at or before ``t``, carried forward
+  between rounds (the setup broadcast is left out because DDP pays it too);
 * runs without a ledger (DDP): ``model/grad_bytes_per_step * (t + 1)``, the gradient bytes DDP
   all-reduces per step times the steps taken (Lightning's ``step`` column counts from 0). The GPT
   example logs ``model/grad_bytes_per_step``; ``--grad-bytes`` supplies it for logs that lack it.
@@ -27,13 +28,15 @@ import argparse
 import csv
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 VAL_LOSS_KEYS = ("val/loss", "val_loss", "val/loss_epoch")
 GRAD_BYTES_KEY = "model/grad_bytes_per_step"
+LEDGER_TOTAL_KEY = "comm/bytes_total"
+SETUP_BYTES_KEY = "comm/bytes/setup"
 
 
 @dataclass
@@ -112,8 +115,73 @@ def label_from_config(config_path: Path) -> Optional[str]:
     return class_path.rsplit(".", 1)[-1] or None
 
 
+def bytes_sent_by_step(rows: Iterable[Mapping[str, Any]], grad_bytes: Optional[float] = None) -> dict[int, float]:
+    """Bytes one rank has sent by each step of a run, from the rows of its CSVLogger ``metrics.csv``.
+
+    The one definition of "bytes sent by step ``t``" in this repository (``lightning_desloc.plot`` and
+    every script in ``benchmarks/`` use it). ``rows`` are ``csv.DictReader`` rows (values are strings,
+    ``""`` for an empty cell; numbers are accepted too).
+
+    ``t`` is the value of the ``step`` column: Lightning's 0-based optimizer-step index. The ledger rows
+    and the ``val/loss`` rows of the ``t + 1``-th optimizer step are both logged at ``step = t`` (the
+    strategy logs at ``trainer.global_step`` from inside the optimizer step, before Lightning counts
+    it), so the value at ``t`` is what was sent in the first ``t + 1`` optimizer steps. Units: payload
+    bytes per rank (``numel * element_size`` of what is handed to a collective, the ledger's convention;
+    rank 0's ledger, as the CSVLogger writes rank 0's metrics).
+
+    * Runs with a ledger (a ``comm/bytes_total`` column with values): ``comm/bytes_total -
+      comm/bytes/setup`` of the last ledger row logged at a step ``<= t``, i.e. the ledger's
+      ``compared_bytes`` (every category except ``setup``, rank 0's weights broadcast, which DDP pays
+      too). The ledger is logged after each averaging round only, so between rounds the last logged
+      value holds (a step function carried forward, never interpolated); it is ``0.0`` before the first
+      ledger row. Bytes recorded since the last round (e.g. a consensus validation's ``eval``) count
+      from the next logged row on. ``comm/bytes_ddp_equivalent`` is what DDP would have sent, not
+      bytes sent, and is not used.
+    * Runs without a ledger (DDP): ``grad_bytes * (t + 1)``, one gradient all-reduced per optimizer
+      step; ``grad_bytes`` is the argument or else the ``model/grad_bytes_per_step`` column.
+
+    Returns ``{t: bytes}`` for every ``t`` from 0 to the largest ``step`` in ``rows``, whether or not a
+    row was logged at ``t``; ``{}`` when no row has a step, or there is neither a ledger nor a gradient
+    size.
+    """
+    ledger: list[tuple[int, float]] = []  # (step, compared bytes) of each ledger row, in file order
+    last_step: Optional[int] = None
+    for row in rows:
+        step = _float(row.get("step"))
+        if step is None:
+            continue
+        step = int(step)
+        last_step = step if last_step is None else max(last_step, step)
+        total = _float(row.get(LEDGER_TOTAL_KEY))
+        if total is not None:
+            ledger.append((step, total - (_float(row.get(SETUP_BYTES_KEY)) or 0.0)))
+        if grad_bytes is None:
+            grad_bytes = _float(row.get(GRAD_BYTES_KEY))
+    if last_step is None:
+        return {}
+    if not ledger:
+        if grad_bytes is None:
+            return {}
+        return {t: grad_bytes * (t + 1) for t in range(last_step + 1)}
+    ledger.sort(key=lambda sb: sb[0])  # stable: of the rows at one step, the last one logged wins
+    out: dict[int, float] = {}
+    sent, i = 0.0, 0
+    for t in range(last_step + 1):
+        while i < len(ledger) and ledger[i][0] <= t:
+            sent = ledger[i][1]
+            i += 1
+        out[t] = sent
+    return out
+
+
+def has_ledger(rows: Iterable[Mapping[str, Any]]) -> bool:
+    """Whether any row carries the strategy's ledger (a ``comm/bytes_total`` value)."""
+    return any(_float(row.get(LEDGER_TOTAL_KEY)) is not None for row in rows)
+
+
 def read_run(path: str | os.PathLike, label: Optional[str] = None, grad_bytes: Optional[float] = None) -> Run:
-    """Read one run: validation losses by step, and the bytes communicated by each of those steps."""
+    """Read one run: validation losses by step, and the bytes communicated by each of those steps
+    (:func:`bytes_sent_by_step`)."""
     csv_path = find_metrics_csv(path)
     with open(csv_path, newline="") as f:
         rows = list(csv.DictReader(f))
@@ -124,17 +192,11 @@ def read_run(path: str | os.PathLike, label: Optional[str] = None, grad_bytes: O
             label = csv_path.parent.parent.name if name.startswith("version_") else name
     run = Run(label=label, path=csv_path)
 
-    ledger: list[tuple[int, float]] = []  # (step, bytes sent so far, setup excluded)
     val: dict[int, float] = {}
     for row in rows:
         step = _float(row.get("step"))
         if step is None:
             continue
-        total = _float(row.get("comm/bytes_total"))
-        if total is not None:
-            ledger.append((int(step), total - (_float(row.get("comm/bytes/setup")) or 0.0)))
-        if grad_bytes is None and _float(row.get(GRAD_BYTES_KEY)) is not None:
-            grad_bytes = _float(row.get(GRAD_BYTES_KEY))
         for key in VAL_LOSS_KEYS:
             loss = _float(row.get(key))
             if loss is not None:
@@ -142,18 +204,12 @@ def read_run(path: str | os.PathLike, label: Optional[str] = None, grad_bytes: O
                 break
     if not val:
         raise ValueError(f"{csv_path} has no validation loss column ({', '.join(VAL_LOSS_KEYS)}) with values")
-    run.has_ledger = bool(ledger)
-    ledger.sort()
+    run.has_ledger = has_ledger(rows)
+    sent = bytes_sent_by_step(rows, grad_bytes)
     for step in sorted(val):
         run.steps.append(step)
         run.val_loss.append(val[step])
-        if run.has_ledger:
-            before = [b for s, b in ledger if s <= step]
-            run.bytes_sent.append(max(before) if before else 0.0)
-        elif grad_bytes is not None:
-            run.bytes_sent.append(grad_bytes * (step + 1))
-        else:
-            run.bytes_sent.append(math.nan)
+        run.bytes_sent.append(sent.get(step, math.nan))
     return run
 
 
