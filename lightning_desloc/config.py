@@ -180,49 +180,36 @@ class DeslocConfig:
                                    self.is_auto, None if self.drift is None else self.drift.max_drift)
 
     @classmethod
-    def from_arguments(
-        cls,
-        *,
-        param_sync_every: ParamSyncEvery = 256,
-        state_sync_every: StateSyncEvery = None,
-        state_policy: StatePolicy = "average",
-        compression: Compression = None,
-        outer_lr: Optional[float] = None,
-        outer_momentum: float = 0.9,
-        outer_nesterov: bool = True,
-        group_size: Optional[int] = None,
-        group_param_sync_every: int = GRADIENTS_EVERY_STEP,
-        group_state_sync_every: StateSyncEvery = None,
-        comm_budget: float = 0.05,
-        min_param_syncs: int = 32,
-        max_drift: Optional[float] = None,
-        drift_check_every: int = 16,
-        bucket_cap_mb: float = DEFAULT_BUCKET_CAP_MB,
-        validate_on: ValidateOn = "consensus",
-        log_comm: bool = True,
-        allow_consensus_fallback: bool = False,
-    ) -> "DeslocConfig":
-        """The config from the adapters' flat arguments (the names of :data:`ARGUMENT_DOCS`)."""
-        if group_size is None and (group_param_sync_every != GRADIENTS_EVERY_STEP or group_state_sync_every is not None):
+    def from_arguments(cls, **arguments: Any) -> "DeslocConfig":
+        """The config from the adapters' flat arguments (names of :data:`ARGUMENT_DOCS`; the defaults are
+        the config's own, so the adapters' explicit signatures are the only other place they are written)."""
+        unknown = sorted(set(arguments) - set(ARGUMENT_DOCS) - {"validate_on"})
+        if unknown:
+            raise TypeError(f"unknown DES-LOC argument(s) {unknown}; see lightning_desloc.config.ARGUMENT_DOCS")
+        args = {k: v for k, v in arguments.items() if k != "total_steps"}
+
+        def take(**names: str) -> dict[str, Any]:  # sub-config field <- flat argument, when given
+            return {field_: args.pop(arg) for field_, arg in names.items() if arg in args}
+
+        outer = take(lr="outer_lr", momentum="outer_momentum", nesterov="outer_nesterov")
+        hierarchy = take(group_size="group_size", param_sync_every="group_param_sync_every",
+                         state_sync_every="group_state_sync_every")
+        auto = take(comm_budget="comm_budget", min_param_syncs="min_param_syncs")
+        drift = take(max_drift="max_drift", check_every="drift_check_every")
+        if hierarchy.get("group_size") is None and (
+                hierarchy.get("param_sync_every", GRADIENTS_EVERY_STEP) != GRADIENTS_EVERY_STEP
+                or hierarchy.get("state_sync_every") is not None):
             raise ValueError(
                 "group_param_sync_every and group_state_sync_every set the periods inside hierarchical groups, "
                 "but group_size is None (no groups). Set group_size (e.g. the devices per node), or leave "
                 "group_param_sync_every=1 and group_state_sync_every=None."
             )
         return cls(
-            param_sync_every=param_sync_every,
-            state_sync_every=state_sync_every,
-            state_policy=state_policy,
-            compression=compression,  # type: ignore[arg-type]  # normalised in __post_init__
-            outer=None if outer_lr is None else OuterConfig(lr=outer_lr, momentum=outer_momentum, nesterov=outer_nesterov),
-            hierarchy=None if group_size is None else HierarchyConfig(
-                group_size=group_size, param_sync_every=group_param_sync_every, state_sync_every=group_state_sync_every),
-            auto=AutoConfig(comm_budget=comm_budget, min_param_syncs=min_param_syncs),
-            drift=None if max_drift is None else DriftConfig(max_drift=max_drift, check_every=drift_check_every),
-            bucket_cap_mb=bucket_cap_mb,
-            validate_on=validate_on,
-            log_comm=log_comm,
-            allow_consensus_fallback=allow_consensus_fallback,
+            **args,
+            outer=OuterConfig(**outer) if outer.get("lr") is not None else None,
+            hierarchy=HierarchyConfig(**hierarchy) if hierarchy.get("group_size") is not None else None,
+            auto=AutoConfig(**auto),
+            drift=DriftConfig(**drift) if drift.get("max_drift") is not None else None,
         )
 
 

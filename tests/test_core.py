@@ -8,6 +8,7 @@ test_groups_periods.py, test_strategy.py and the checkpoint tests.
 
 from __future__ import annotations
 
+import copy
 import threading
 
 import pytest
@@ -43,6 +44,19 @@ def snapshot(net, opt, keys) -> dict:
     return {"params": [p.detach().clone() for p in params], "state": state, "step": step}
 
 
+def local_step(core, net, opt, rank: int, call: int, seed: int = 0, skip: bool = False):
+    """One optimizer step on the reference's batch ``call`` of ``rank``, then the core; ``skip``: the step is
+    not taken (what a GradScaler does with inf gradients). Returns what ``after_step`` returned."""
+    x, y = ref.make_batch(rank, call, seed)
+    torch.nn.functional.mse_loss(net(x), y).backward()
+    i = core.begin_step(opt)
+    if not skip:
+        opt.step()
+    plan = core.after_step(i, opt)
+    opt.zero_grad()
+    return plan
+
+
 def train(rank: int, world: int, comm, cfg: ref.Config, n_calls: int, config: DeslocConfig, group_first=False):
     """One thread-rank: the reference's batches, the core after every step; a snapshot after each call.
     A call in ``cfg.skip_calls`` is not stepped (what a GradScaler does with inf gradients)."""
@@ -55,13 +69,7 @@ def train(rank: int, world: int, comm, cfg: ref.Config, n_calls: int, config: De
     history = [snapshot(net, opt, cfg.state_keys())]
     plans = []
     for call in range(n_calls):
-        x, y = ref.make_batch(rank, call, cfg.seed)
-        torch.nn.functional.mse_loss(net(x), y).backward()
-        i = core.begin_step(opt)
-        if call not in cfg.skip_calls:
-            opt.step()
-        plans.append(core.after_step(i, opt))
-        opt.zero_grad()
+        plans.append(local_step(core, net, opt, rank, call, cfg.seed, skip=call in cfg.skip_calls))
         history.append(snapshot(net, opt, cfg.state_keys()))
     return {"history": history, "plans": plans, "core": core}
 
@@ -133,12 +141,7 @@ def _with_recording(rank, world, comm):
     core.options.append(option)
     core.attach([opt])
     for call in range(8):
-        x, y = ref.make_batch(rank, call)
-        torch.nn.functional.mse_loss(net(x), y).backward()
-        i = core.begin_step(opt)
-        opt.step()
-        core.after_step(i, opt)
-        opt.zero_grad()
+        local_step(core, net, opt, rank, call)
     return option.calls, logged, [p.detach().clone() for p in net.parameters()], core
 
 
@@ -166,7 +169,7 @@ def _resumable(rank, world, comm, stop_at, state):
     for call in range(10):
         if call == stop_at:
             saved = {"core": core.state_dict(), "model": net.state_dict(), "opt": opt.state_dict()}
-            saved = {k: _deep_clone(v) for k, v in saved.items()}
+            saved = copy.deepcopy(saved)
             with _init:
                 net, opt = make_worker(ADAM)
             net.load_state_dict(saved["model"])
@@ -174,23 +177,8 @@ def _resumable(rank, world, comm, stop_at, state):
             core = DeslocSync(config, comm=comm)
             core.attach([opt])
             core.load_state_dict(saved["core"])
-        x, y = ref.make_batch(rank, call)
-        torch.nn.functional.mse_loss(net(x), y).backward()
-        i = core.begin_step(opt)
-        opt.step()
-        core.after_step(i, opt)
-        opt.zero_grad()
+        local_step(core, net, opt, rank, call)
     return [p.detach().clone() for p in net.parameters()], core.state_dict()
-
-
-def _deep_clone(obj):
-    if isinstance(obj, torch.Tensor):
-        return obj.clone()
-    if isinstance(obj, dict):
-        return {k: _deep_clone(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_deep_clone(v) for v in obj]
-    return obj
 
 
 @pytest.mark.parametrize("stop_at", [4, 7])
