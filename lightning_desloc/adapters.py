@@ -10,9 +10,10 @@
 from __future__ import annotations
 
 import atexit
+import sys
+import time
 from collections.abc import Iterator
-from contextlib import contextmanager
-from datetime import timedelta
+from contextlib import contextmanager, suppress
 from typing import Any, Optional
 
 import torch.distributed as dist
@@ -96,24 +97,36 @@ class MeteredCollectives:
         return self.core.comm.broadcast_object(obj, src, "control")
 
 
-def close_process_group() -> None:
-    """End of a spawned/forked worker: wait for every rank, then close gloo. Without it gloo's
-    background threads can abort the interpreter at exit ("terminate called without an active
-    exception")."""
+def close_process_group(timeout_s: float = 30.0) -> None:
+    """End of a spawned/forked worker: wait (at most ``timeout_s`` seconds) for every rank, then close
+    gloo. Without it gloo's background threads can abort the interpreter at exit ("terminate called
+    without an active exception")."""
     if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+        with suppress(Exception):
+            _wait_for_every_rank(timeout_s)
         dist.destroy_process_group()
 
 
 _exit_hook_registered = False
+_failed = False
+
+
+def mark_failed() -> None:
+    """This process is going down on an error (the strategy's ``on_exception``): its exit must not wait
+    for the other ranks, one of which may be blocked in a collective this rank will never join."""
+    global _failed
+    _failed = True
 
 
 def close_process_group_at_exit(timeout_s: float = 30.0) -> None:
     """Close the default process group when the interpreter exits, as :func:`close_process_group` does
     for spawned workers. For processes that live on after ``fit`` (the script launched by the Trainer's
-    default launcher, ``torchrun`` workers). Registered once per process; the wait for the other ranks
-    is bounded by ``timeout_s`` seconds (gloo's monitored barrier), so a rank whose peer crashed still
-    exits."""
+    default launcher, ``torchrun`` workers). Registered once per process.
+
+    A healthy exit first waits, at most ``timeout_s`` seconds, until every rank has reached its own exit,
+    through the rendezvous store rather than a collective: a collective (even gloo's monitored barrier)
+    could pair with a peer's pending one and block for the process group's timeout. A process exiting on
+    an error (:func:`mark_failed`, or an uncaught exception) does not wait at all."""
     global _exit_hook_registered
     if not _exit_hook_registered:
         atexit.register(_close_at_exit, timeout_s)
@@ -123,12 +136,19 @@ def close_process_group_at_exit(timeout_s: float = 30.0) -> None:
 def _close_at_exit(timeout_s: float) -> None:
     if not (dist.is_available() and dist.is_initialized()):
         return  # never initialised, or already closed (spawned workers)
-    try:
-        if dist.get_backend() == "gloo":
-            dist.monitored_barrier(timeout=timedelta(seconds=timeout_s))
-        else:
-            dist.barrier()
-    except Exception:  # a peer is gone or stuck: close this rank's side anyway
-        pass
-    dist.destroy_process_group()
+    failing = _failed or getattr(sys, "last_value", None) is not None  # set by an uncaught exception
+    if not failing:
+        with suppress(Exception):  # a peer gone (its store with it) or stuck: close this rank's side anyway
+            _wait_for_every_rank(timeout_s)
+    with suppress(Exception):
+        dist.destroy_process_group()
 
+
+def _wait_for_every_rank(timeout_s: float) -> None:
+    """Count this rank in at the store and poll until all ranks are in or ``timeout_s`` seconds passed."""
+    store = dist.distributed_c10d._get_default_store()
+    key, world = "lightning_desloc/exited", dist.get_world_size()
+    store.add(key, 1)
+    deadline = time.monotonic() + timeout_s
+    while store.add(key, 0) < world and time.monotonic() < deadline:
+        time.sleep(0.05)

@@ -22,7 +22,13 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from lightning_desloc import checkpoint as desloc_checkpoint
-from lightning_desloc.adapters import MeteredCollectives, build_core, close_process_group, close_process_group_at_exit
+from lightning_desloc.adapters import (
+    MeteredCollectives,
+    build_core,
+    close_process_group,
+    close_process_group_at_exit,
+    mark_failed,
+)
 from lightning_desloc.compression import Compression
 from lightning_desloc.config import DEFAULT_BUCKET_CAP_MB, ValidateOn, args_section
 from lightning_desloc.ledger import CommLedger
@@ -272,6 +278,10 @@ class DeslocStrategy(MeteredCollectives, DDPStrategy):
     def teardown(self) -> None:
         self.core.detach()
         super().teardown()
+
+    def on_exception(self, exception: BaseException) -> None:
+        mark_failed()  # this rank's exit must not wait for peers that may be blocked in a collective
+        super().on_exception(exception)
 
     # ------------------------------------------------------------------ metered Lightning collectives
     def reduce(self, tensor: Any, group: Optional[Any] = None, reduce_op: Optional[Any] = "mean") -> Any:
