@@ -145,10 +145,18 @@ def _close_at_exit(timeout_s: float) -> None:
 
 
 def _wait_for_every_rank(timeout_s: float) -> None:
-    """Count this rank in at the store and poll until all ranks are in or ``timeout_s`` seconds passed."""
+    """Count this rank in at the store and poll until every rank is in or ``timeout_s`` seconds passed.
+
+    Rank 0 (which hosts the store under the Trainer's launchers) then also waits until every rank has
+    made its last store request, so no rank finds the store gone (a noisy C++ warning)."""
     store = dist.distributed_c10d._get_default_store()
-    key, world = "lightning_desloc/exited", dist.get_world_size()
-    store.add(key, 1)
+    world, rank = dist.get_world_size(), dist.get_rank()
     deadline = time.monotonic() + timeout_s
-    while store.add(key, 0) < world and time.monotonic() < deadline:
-        time.sleep(0.05)
+
+    def count_in(key: str, wait: bool) -> None:
+        store.add(key, 1)
+        while wait and store.add(key, 0) < world and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    count_in("lightning_desloc/exit/arrived", wait=True)
+    count_in("lightning_desloc/exit/left", wait=rank == 0)

@@ -11,7 +11,8 @@ Between averages every rank holds its own parameters and optimizer states, so on
   values (ints, strings, lists, dicts) records the schedule position and which shards belong to it;
 * **shards** in a sibling directory ``<main file>.shards/<save id>/``: ``rank-00000.pt``, ... with
   each rank's own parameters, optimizer state, RNG state, step counters and ledger, and a
-  ``manifest.json`` (world size, step, SHA-256 and size of every shard, model fingerprint).
+  ``manifest.json`` (world size, step, SHA-256 and size of every shard and of the main file, model
+  fingerprint).
 
 The consensus is computed on copies (the ranks' live state is never touched) in one coalesced
 all-reduce round recorded in the strategy's ledger as category ``"checkpoint"``.
@@ -30,7 +31,9 @@ the ranks then agree, in one small all-gather, on one of two paths:
 * **consensus**: a different world size, a plain (non DES-LOC) checkpoint or missing shards: every
   rank starts from the consensus, so a new rank gets averaged momenta, not zeros.
 
-A truncated, corrupt (checksum mismatch) or foreign shard raises :class:`CheckpointShardError` on every
+The manifest also records the main file's SHA-256 and size; a main file that matches neither (bit
+flips, truncation) raises :class:`CheckpointShardError` naming it, on every rank, before anything is
+loaded. A truncated, corrupt (checksum mismatch) or foreign shard raises :class:`CheckpointShardError` on every
 rank, unless the strategy was built with ``allow_consensus_fallback=True``, which takes the consensus
 path with a warning instead. See ``docs/checkpointing.md``.
 """
@@ -297,11 +300,13 @@ def save(core: "DeslocSync", checkpoint: dict[str, Any], filepath: Any, layout: 
         # equal on every rank, so rank 0's copy is the global one
         "core": shared,
     }
+    consensus[META_KEY] = meta
+    main_data = _to_bytes(consensus)
     manifest = {k: meta[k] for k in ("format", "save_id", "world_size", "global_step", "optimizer_steps", "fingerprint")}
     manifest["shards"] = sorted(entries, key=lambda e: e["rank"])
+    manifest["main"] = {"sha256": _sha256(main_data), "bytes": len(main_data)}
     atomic_write(os.path.join(save_dir, MANIFEST_NAME), json.dumps(manifest, indent=1).encode())
-    consensus[META_KEY] = meta
-    atomic_write(filepath, _to_bytes(consensus))
+    atomic_write(filepath, main_data)
     _fault_point("committed", filepath)
     for entry in os.listdir(root):
         if entry != save_id:
@@ -321,7 +326,15 @@ def remove(filepath: Any) -> None:
 
 # ----------------------------------------------------------------------------------------- resuming
 def _check_own_shard(meta: dict[str, Any], filepath: str, world: int, rank: int) -> tuple[int, str, Optional[dict]]:
-    """This rank's verdict on its shard: (status, reason, loaded shard when OK)."""
+    """This rank's verdict on its shard: (status, reason, loaded shard when OK). Never raises: a rank
+    that raised here alone would leave the others waiting in the verdict all-gather."""
+    try:
+        return _verify_own_shard(meta, filepath, world, rank)
+    except Exception as err:  # noqa: BLE001 - a damaged manifest or shard of any kind
+        return BAD, f"rank {rank}: cannot check its shard of {filepath} ({type(err).__name__}: {err})", None
+
+
+def _verify_own_shard(meta: dict[str, Any], filepath: str, world: int, rank: int) -> tuple[int, str, Optional[dict]]:
     where = f"rank {rank}"
     if meta.get("world_size") != world:
         return RESIZED, f"{where}: saved with {meta.get('world_size')} ranks, resuming with {world}", None
@@ -342,8 +355,11 @@ def _check_own_shard(meta: dict[str, Any], filepath: str, world: int, rank: int)
         return MISSING, f"{where}: shard {path} is missing", None
     with open(path, "rb") as f:
         data = f.read()
-    if len(data) != entry["bytes"]:
+    if len(data) < entry["bytes"]:
         return BAD, f"{where}: shard {path} is truncated ({len(data)} of {entry['bytes']} bytes)", None
+    if len(data) > entry["bytes"]:
+        return BAD, (f"{where}: shard {path} has {len(data)} bytes, its manifest says {entry['bytes']} "
+                     "(overwritten by another file?)"), None
     if _sha256(data) != entry["sha256"]:
         return BAD, f"{where}: shard {path} is corrupt (SHA-256 does not match the manifest)", None
     try:
@@ -353,6 +369,62 @@ def _check_own_shard(meta: dict[str, Any], filepath: str, world: int, rank: int)
     if (shard.get("save_id"), shard.get("rank"), shard.get("fingerprint")) != (meta["save_id"], rank, meta.get("fingerprint")):
         return BAD, f"{where}: shard {path} is foreign (another save, rank or model)", None
     return OK, f"{where}: own shard verified", shard
+
+
+def main_file_problem(filepath: str) -> Optional[str]:
+    """Why the main file does not match the manifest of its save, or ``None`` (it matches, or no manifest
+    records its checksum: a file copied without its shards, or saved before format 2 recorded it).
+
+    A crash during a save can leave two save directories (the new one's main file never landed), so the
+    file must match one of them."""
+    root = shard_root(filepath, resolve_links=True)
+    recorded: list[tuple[str, dict[str, Any]]] = []
+    with suppress(OSError):
+        for save_id in sorted(os.listdir(root)):
+            with suppress(OSError, ValueError, KeyError, TypeError):
+                with open(os.path.join(root, save_id, MANIFEST_NAME), "rb") as f:
+                    main = json.loads(f.read())["main"]
+                recorded.append((save_id, {"sha256": str(main["sha256"]), "bytes": int(main["bytes"])}))
+    if not recorded:
+        return None
+    with open(filepath, "rb") as f:
+        data = f.read()
+    digest = _sha256(data)
+    if any(entry["sha256"] == digest for _, entry in recorded):
+        return None
+    save_id, entry = recorded[-1]
+    if len(data) != entry["bytes"]:
+        return (f"checkpoint {filepath} is damaged: it has {len(data)} bytes, but the save that wrote it "
+                f"({save_id}) recorded {entry['bytes']} (truncated or overwritten)")
+    return f"checkpoint {filepath} is corrupt: its SHA-256 does not match the manifest of its save ({save_id})"
+
+
+def read_main(filepath: Any, loader: Callable[[str], dict[str, Any]]) -> tuple[Optional[dict[str, Any]], Optional[str]]:
+    """Read the main file with ``loader`` (the strategy's CheckpointIO) after checking it against its
+    manifest: ``(checkpoint, None)``, or ``(None, why it cannot be used)`` naming the file. A missing file
+    raises as the loader does."""
+    filepath = str(filepath)
+    problem = main_file_problem(filepath) if os.path.isfile(filepath) else None
+    if problem is not None:
+        return None, problem
+    try:
+        main = loader(filepath)
+    except FileNotFoundError:
+        raise
+    except Exception as err:  # noqa: BLE001 - an unpickling failure of any kind means a damaged file
+        return None, f"cannot read checkpoint {filepath} ({type(err).__name__}: {err}); the file is damaged or not a checkpoint"
+    if isinstance(main, Mapping) and META_KEY not in main and {"save_id", "rank", "world_size"} <= set(main):
+        return None, (f"{filepath} is rank {main['rank']}'s shard of a DES-LOC checkpoint, not a checkpoint: pass "
+                      f"the main file beside the {SHARDS_SUFFIX} directory it lies in")
+    return main, None
+
+
+def check_main(core: "DeslocSync", problem: Optional[str]) -> None:
+    """Raise :class:`CheckpointShardError` on every rank if the main file failed :func:`read_main` on any."""
+    problems = core.comm.all_gather_object(problem) if core.comm.distributed else [problem]
+    bad = sorted({p for p in problems if p})
+    if bad:
+        raise CheckpointShardError(f"Cannot resume: {'; '.join(bad)}. Restore the file or pass another checkpoint.")
 
 
 def load(
@@ -414,8 +486,9 @@ def load(
             _take_snapshot(core, main, layout, modules)
         _restore_rng(shard["rng"])
         core.params_in_sync = False
+        what = "parameters" if meta.get("weights_only") else "parameters, optimizer state"
         info(f"DES-LOC resume from {decision.checkpoint}: LOCAL path, each of the {decision.world_size} ranks "
-             f"restored its own parameters, optimizer state and RNG at optimizer step {core.optimizer_steps}.")
+             f"restored its own {what} and RNG at optimizer step {core.optimizer_steps}.")
         return out, decision
     core.load_state_dict({"shared": shared, "local": None}, device)
     if shared.get("snapshot") is None:

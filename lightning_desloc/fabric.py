@@ -257,7 +257,10 @@ class DeslocFabricStrategy(MeteredCollectives, DDPStrategy):
         if not isinstance(state, dict) or not state:
             return super().load_checkpoint(path, state, strict, weights_only=weights_only)  # the consensus
         layout = self._layout(state)
-        main = self.checkpoint_io.load_checkpoint(path, weights_only=weights_only)
+        main, problem = desloc_checkpoint.read_main(
+            path, lambda p: self.checkpoint_io.load_checkpoint(p, weights_only=weights_only))
+        desloc_checkpoint.check_main(self.core, problem)
+        assert main is not None
         main, self.resume_decision = desloc_checkpoint.load(
             self.core, path, main, modules=[state[k] for k in layout.modules], layout=layout, strict=strict,
             allow_consensus_fallback=self.core.config.allow_consensus_fallback, info=rank_zero_info, warn=rank_zero_warn,

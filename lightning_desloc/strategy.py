@@ -317,11 +317,16 @@ class DeslocStrategy(MeteredCollectives, DDPStrategy):
     def load_checkpoint(self, checkpoint_path: _PATH, weights_only: Optional[bool] = None) -> dict[str, Any]:
         # when fitting, also restores the step counters, the ledger, the options' state and (local path)
         # the RNG, and sets resume_decision
-        main = self.checkpoint_io.load_checkpoint(checkpoint_path, weights_only=weights_only)
+        main, problem = desloc_checkpoint.read_main(
+            checkpoint_path, lambda path: self.checkpoint_io.load_checkpoint(path, weights_only=weights_only))
         module = self.lightning_module
         trainer = module._trainer if module is not None else None
         if trainer is None or trainer.state.fn != TrainerFn.FITTING:
+            if problem is not None:
+                raise desloc_checkpoint.CheckpointShardError(problem)
             return main  # evaluation loads the consensus model: nothing per rank to restore
+        desloc_checkpoint.check_main(self.core, problem)
+        assert main is not None
         main, self.resume_decision = desloc_checkpoint.load(
             self.core, checkpoint_path, main, modules=[module], strict=module.strict_loading,
             allow_consensus_fallback=self.core.config.allow_consensus_fallback,

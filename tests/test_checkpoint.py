@@ -8,6 +8,7 @@ epoch-0 checkpoint (optimizer step 5: between syncs, so the ranks' states differ
 """
 
 import glob
+import hashlib
 import json
 import os
 import shutil
@@ -220,6 +221,53 @@ def test_truncated_and_foreign_shards_are_detected(reference, epoch0):
     open(os.path.join(directory, "manifest.json"), "w").write(json.dumps(manifest))
     status, reason, _ = ckpt._check_own_shard(meta, epoch0, world=2, rank=1)
     assert status == ckpt.BAD and "is foreign" in reason
+
+
+def test_a_damaged_manifest_entry_is_a_verdict_every_rank_shares(epoch0, tmp_path):
+    # rank 1's manifest entry loses its size: rank 1 alone would raise KeyError while rank 0 waits
+    directory, manifest, _ = shards_of(epoch0)
+    meta = torch.load(epoch0, weights_only=True)["desloc"]
+    del manifest["shards"][1]["bytes"]
+    open(os.path.join(directory, "manifest.json"), "w").write(json.dumps(manifest))
+    status, reason, _ = ckpt._check_own_shard(meta, epoch0, world=2, rank=1)
+    assert status == ckpt.BAD and "KeyError" in reason and "rank 1" in reason
+    assert ckpt._check_own_shard(meta, epoch0, world=2, rank=0)[0] == ckpt.OK
+    got = fit(tmp_path / "run", ckpt_path=epoch0, epochs=2, checkpoints=False, allow_consensus_fallback=True)
+    assert got[0]["resume"] == got[1]["resume"] == "consensus"
+
+
+def test_a_longer_shard_is_not_called_truncated(epoch0):
+    meta = torch.load(epoch0, weights_only=True)["desloc"]
+    directory, manifest, _ = shards_of(epoch0)
+    with open(os.path.join(directory, manifest["shards"][0]["file"]), "ab") as f:
+        f.write(b"x" * 64)
+    status, reason, _ = ckpt._check_own_shard(meta, epoch0, world=2, rank=0)
+    assert status == ckpt.BAD and "truncated" not in reason
+    assert f"its manifest says {manifest['shards'][0]['bytes']}" in reason
+
+
+def test_the_main_file_is_checked_against_its_manifest(epoch0, tmp_path):
+    _, manifest, _ = shards_of(epoch0)
+    data = open(epoch0, "rb").read()
+    assert manifest["main"] == {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    assert ckpt.main_file_problem(epoch0) is None
+    flipped = bytearray(data)
+    flipped[len(data) // 2] ^= 0x01  # one bit, somewhere in the tensors
+    open(epoch0, "wb").write(bytes(flipped))
+    with pytest.raises(Exception, match=r"epoch0.ckpt is corrupt: its SHA-256 does not match"):
+        fit(tmp_path / "flipped", ckpt_path=epoch0, epochs=1, checkpoints=False, allow_consensus_fallback=True)
+    open(epoch0, "wb").write(data[: len(data) - 100])
+    problem = ckpt.main_file_problem(epoch0)
+    assert problem is not None and f"it has {len(data) - 100} bytes" in problem and str(len(data)) in problem
+
+
+def test_a_shard_passed_as_the_checkpoint_is_named_as_such(epoch0):
+    directory, manifest, _ = shards_of(epoch0)
+    shard = os.path.join(directory, manifest["shards"][1]["file"])
+    main, problem = ckpt.read_main(shard, lambda p: torch.load(p, weights_only=True))
+    assert main is None and "rank 1's shard of a DES-LOC checkpoint" in problem
+    main, problem = ckpt.read_main(epoch0, lambda p: torch.load(p, weights_only=True))
+    assert problem is None and main["global_step"] == 5
 
 
 def test_missing_shard_falls_back_to_the_consensus_with_a_warning(epoch0, tmp_path, capfd):
