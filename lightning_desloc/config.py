@@ -27,8 +27,9 @@ Example::
 from __future__ import annotations
 
 import textwrap
+import warnings
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Literal, Optional, Union
 
 from lightning_desloc.compression import Compression, parse_compression
@@ -156,6 +157,24 @@ class DeslocConfig:
         if self.validate_on not in ("consensus", "local"):
             raise ValueError(f"validate_on must be 'consensus' or 'local', got {self.validate_on!r}")
 
+    def check_state_keys(self, keys: Iterable[str]) -> None:
+        """Raise a ``ValueError`` when ``state_sync_every``, ``group_state_sync_every`` or ``compression``
+        name a state key none of the optimizers keeps (a typo would otherwise leave the default in force).
+        ``keys``: the averaged state keys of every optimizer, known after each has stepped once."""
+        have = sorted(set(keys))
+        named = {"state_sync_every": self.state_sync_every,
+                 "group_state_sync_every": None if self.hierarchy is None else self.hierarchy.state_sync_every,
+                 "compression": {k: v for k, v in self.compression.items() if k not in ("params", "states", "*")}}
+        for argument, value in named.items():
+            unknown = sorted(set(value) - set(have)) if isinstance(value, Mapping) else []
+            if unknown:
+                raise ValueError(
+                    f"{argument} names state key(s) {unknown} that no optimizer keeps; the optimizers' averaged "
+                    f"state keys are {have or 'none'}" + ("" if argument != "compression" else
+                                                           " (and 'params', 'states' for compression)")
+                    + ". Fix the spelling or remove the entry."
+                )
+
     @property
     def is_auto(self) -> bool:
         return self.param_sync_every == "auto"
@@ -204,6 +223,11 @@ class DeslocConfig:
                 "but group_size is None (no groups). Set group_size (e.g. the devices per node), or leave "
                 "group_param_sync_every=1 and group_state_sync_every=None."
             )
+        _warn_unused(outer, "outer_lr", OuterConfig, dict(momentum="outer_momentum", nesterov="outer_nesterov"), on="lr")
+        _warn_unused(drift, "max_drift", DriftConfig, dict(check_every="drift_check_every"), on="max_drift")
+        if args.get("param_sync_every") != "auto":
+            _warn_unused(auto, "param_sync_every='auto'", AutoConfig,
+                         dict(comm_budget="comm_budget", min_param_syncs="min_param_syncs"), on=None)
         return cls(
             **args,
             outer=OuterConfig(**outer) if outer.get("lr") is not None else None,
@@ -211,6 +235,19 @@ class DeslocConfig:
             auto=AutoConfig(**auto),
             drift=DriftConfig(**drift) if drift.get("max_drift") is not None else None,
         )
+
+
+def _warn_unused(given: Mapping[str, Any], feature: str, config: type, names: Mapping[str, str],
+                 on: Optional[str]) -> None:
+    """Warn about sub-config arguments (``names``: field -> argument) set away from their defaults while
+    their feature is off. ``on``: the field whose value turns the feature on (``None``: it is off)."""
+    if on is not None and given.get(on) is not None:
+        return
+    defaults = {f.name: f.default for f in fields(config)}
+    changed = [arg for name, arg in names.items() if name in given and given[name] != defaults[name]]
+    if changed:
+        warnings.warn(f"{', '.join(changed)} only take(s) effect with {feature}, which is off; "
+                      f"set {feature} or remove {', '.join(changed)}.", UserWarning, stacklevel=3)
 
 
 def _is_number(value: Any) -> bool:

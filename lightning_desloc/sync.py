@@ -363,6 +363,8 @@ class DeslocSync:
             keys = self._state_keys[index] = tuple(sorted(averaged_state_keys(optimizer)))
             for level in self.levels:
                 level.check_keys(keys)
+            if all(k is not None for k in self._state_keys):  # every optimizer has stepped once
+                self.config.check_state_keys(k for ks in self._state_keys for k in ks)  # type: ignore[union-attr]
         return keys
 
     def _run_rounds(self, optimizer: Optimizer, plans: list[SyncPlan], keys: tuple[str, ...],

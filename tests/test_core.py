@@ -207,3 +207,29 @@ def test_config_errors_name_the_fix():
         DeslocConfig(validate_on="mean")
     with pytest.raises(TypeError):
         DeslocConfig(64)  # keyword-only: a positional period cannot land in the wrong field
+
+
+def test_options_of_a_feature_that_is_off_warn():
+    with pytest.warns(UserWarning, match="outer_momentum only take.* effect with outer_lr"):
+        DeslocConfig.from_arguments(outer_momentum=0.5)
+    with pytest.warns(UserWarning, match="comm_budget, min_param_syncs only take.* param_sync_every='auto'"):
+        DeslocConfig.from_arguments(param_sync_every=16, comm_budget=0.2, min_param_syncs=4)
+    with pytest.warns(UserWarning, match="drift_check_every only take.* max_drift"):
+        DeslocConfig.from_arguments(drift_check_every=4)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the defaults, or the feature on, say nothing
+        DeslocConfig.from_arguments(outer_momentum=0.9, comm_budget=0.05, drift_check_every=16)
+        DeslocConfig.from_arguments(outer_lr=0.7, outer_momentum=0.5, max_drift=0.1, drift_check_every=4)
+        DeslocConfig.from_arguments(param_sync_every="auto", comm_budget=0.2)
+
+
+@pytest.mark.parametrize("argument", [dict(state_sync_every={"exp_avgg": 10}), dict(compression={"exp_avg_sqq": "bf16"})])
+def test_a_state_key_no_optimizer_keeps_is_an_error_at_the_first_step(argument):
+    net, opt = make_worker(ref.Config("adam", 4, {"exp_avg": 8, "exp_avg_sq": 16}))
+    core = DeslocSync(DeslocConfig(param_sync_every=4, **argument))
+    core.attach([opt])
+    name, value = next(iter(argument.items()))
+    with pytest.raises(ValueError, match=rf"{name} names state key\(s\) \['{next(iter(value))}'\] that no optimizer keeps; "
+                                         r"the optimizers' averaged state keys are \['exp_avg', 'exp_avg_sq'\]"):
+        local_step(core, net, opt, rank=0, call=0)
