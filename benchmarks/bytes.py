@@ -216,7 +216,10 @@ def main(argv=None) -> dict:
             # encoded payload) issued by the averaging module on both ranks, plus its setup broadcast
             avg0 = wrapped_bytes(r0, AVERAGING_MODULE, op=None)
             avg1 = wrapped_bytes(r1, AVERAGING_MODULE, op=None)
-            check = avg0 == avg1 == sent + ledger.get("eval", 0) + ledger.get("setup", 0)
+            # every scheme's state periods are multiples of K_x, so its rounds are the parameter rounds,
+            # each carrying the core's signals (one float32)
+            signals = 4 * (args.steps // k_x)
+            check = avg0 == avg1 == sent + ledger.get("eval", 0) + ledger.get("setup", 0) + signals
             other = wrapped_bytes(r0, op=None) - avg0
         summary[scheme] = {
             "sync_bytes": sent, "compared_bytes": compared, "by_category": per_state,

@@ -48,6 +48,59 @@ def _buckets(tensors: Sequence[Tensor], cap: int) -> list[list[Tensor]]:
     return [b for b in out if b]
 
 
+def kind_buckets(tensors: Sequence[Tensor], cap: int) -> list[list[Tensor]]:
+    """``tensors`` grouped by dtype and device (in order of first appearance), each group split into
+    buckets of at most ``cap`` bytes: the flat buffers a round hands to its collectives."""
+    by_kind: dict[tuple[torch.dtype, torch.device], list[Tensor]] = defaultdict(list)
+    for t in tensors:
+        by_kind[(t.dtype, t.device)].append(t)
+    return [bucket for same in by_kind.values() for bucket in _buckets(same, cap)]
+
+
+def start_average_round(
+    tensors_by_category: Mapping[str, Sequence[Tensor]], world: int, group: Optional[Any], bucket_cap_bytes: int,
+) -> tuple[dict[str, list[tuple[Tensor, Tensor]]], list[Any], dict[str, int], int]:
+    """Start an asynchronous average without touching the tensors (``overlap_steps``): per category and
+    bucket, a flat snapshot and a copy of it all-reduced in place; divided by ``world`` by the time the
+    returned works have been waited on (the division is queued behind the all-reduce on the same stream,
+    on gloo after ``wait``: see :class:`~lightning_desloc.overlap.OverlappedRounds`). Returns the buckets
+    ``{category: [(snapshot, mean), ...]}``, the works, bytes per category and the number of calls."""
+    buckets: dict[str, list[tuple[Tensor, Tensor]]] = {}
+    works: list[Any] = []
+    sent: dict[str, int] = {}
+    for cat, ts in tensors_by_category.items():
+        if not ts:
+            continue
+        buckets[cat] = []
+        sent[cat] = sum(_nbytes(t) for t in ts)
+        for bucket in kind_buckets(ts, bucket_cap_bytes):
+            with torch.no_grad():
+                mine = torch.cat([t.detach().reshape(-1) for t in bucket])
+                flat = mine.clone()
+            works.append(_DividingWork(dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group, async_op=True),
+                                       flat, world))
+            buckets[cat].append((mine, flat))
+    return buckets, works, sent, len(works)
+
+
+class _DividingWork:
+    """A pending all-reduce whose ``wait`` also turns the sum into the mean (once)."""
+
+    def __init__(self, work: Any, flat: Tensor, world: int) -> None:
+        self.work, self.flat, self.world = work, flat, world
+
+    def wait(self) -> None:
+        if self.work is not None:
+            self.work.wait()
+            self.flat.div_(self.world)
+            self.work = None
+
+
+def unflatten_into(flat: Tensor, bucket: Sequence[Tensor]) -> None:
+    """Copy consecutive slices of ``flat`` into the tensors of ``bucket``."""
+    _unflatten_into(flat, bucket)
+
+
 def _unflatten_into(flat: Tensor, bucket: Sequence[Tensor]) -> None:
     offset = 0
     for t in bucket:
@@ -87,8 +140,9 @@ def average_round(
     group: Optional[Any],
     bucket_cap_bytes: int,
     compression: Optional[CompressionPlan] = None,
-) -> dict[str, int]:
-    """How a round averages, for a group of ``world`` ranks: returns the payload bytes per category.
+) -> tuple[dict[str, int], int]:
+    """How a round averages, for a group of ``world`` ranks: returns the payload bytes per category and
+    the number of collective calls issued.
 
     Exact categories are grouped by dtype and device, packed into flat buckets of at most
     ``bucket_cap_bytes``, all-reduced asynchronously (a sum) and divided by ``world``; compressed
@@ -109,17 +163,14 @@ def average_round(
             coded.append((cat, ts, memory))
             sent[cat] += memory.codec.nbytes(sum(t.numel() for t in ts))
 
-    by_kind: dict[tuple[torch.dtype, torch.device], list[Tensor]] = defaultdict(list)
     for t in exact:
         if not t.is_floating_point():
             raise TypeError(f"only floating tensors can be averaged, got {t.dtype}")
-        by_kind[(t.dtype, t.device)].append(t)
     pending = []
-    for tensors in by_kind.values():
-        for bucket in _buckets(tensors, bucket_cap_bytes):
-            flat = torch.cat([t.detach().reshape(-1) for t in bucket])
-            work = dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group, async_op=True)
-            pending.append((work, flat, bucket))
+    for bucket in kind_buckets(exact, bucket_cap_bytes):
+        flat = torch.cat([t.detach().reshape(-1) for t in bucket])
+        work = dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group, async_op=True)
+        pending.append((work, flat, bucket))
     gathered = _start_coded_round(coded, world, group) if coded else None
     with torch.no_grad():
         for work, flat, bucket in pending:
@@ -128,7 +179,7 @@ def average_round(
             _unflatten_into(flat, bucket)
         if gathered is not None:
             _finish_coded_round(coded, world, *gathered)
-    return dict(sent)
+    return dict(sent), len(pending) + (gathered is not None)
 
 
 def _start_coded_round(coded, world, group):
@@ -202,15 +253,14 @@ def broadcast_(
     Comm(ledger, group).broadcast_(tensors, src=src, category=category, bucket_cap_bytes=bucket_cap_bytes)
 
 
-def broadcast_round(tensors: Sequence[Tensor], src: int, group: Optional[Any], bucket_cap_bytes: int) -> int:
-    """How a broadcast goes: same-kind tensors in flat buckets from rank ``src``; returns the payload bytes."""
-    by_kind: dict[tuple[torch.dtype, torch.device], list[Tensor]] = defaultdict(list)
-    for t in tensors:
-        by_kind[(t.dtype, t.device)].append(t)
+def broadcast_round(tensors: Sequence[Tensor], src: int, group: Optional[Any], bucket_cap_bytes: int) -> tuple[int, int]:
+    """How a broadcast goes: same-kind tensors in flat buckets from rank ``src``; returns the payload bytes
+    and the number of collective calls."""
+    calls = 0
     with torch.no_grad():
-        for same in by_kind.values():
-            for bucket in _buckets(same, bucket_cap_bytes):
-                flat = torch.cat([t.detach().reshape(-1) for t in bucket])
-                dist.broadcast(flat, src=src, group=group)
-                _unflatten_into(flat, bucket)
-    return sum(_nbytes(t) for t in tensors)
+        for bucket in kind_buckets(tensors, bucket_cap_bytes):
+            flat = torch.cat([t.detach().reshape(-1) for t in bucket])
+            dist.broadcast(flat, src=src, group=group)
+            calls += 1
+            _unflatten_into(flat, bucket)
+    return sum(_nbytes(t) for t in tensors), calls

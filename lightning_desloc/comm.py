@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from lightning_desloc.averaging import DEFAULT_BUCKET_CAP_BYTES, average_round, broadcast_round
+from lightning_desloc.averaging import DEFAULT_BUCKET_CAP_BYTES, average_round, broadcast_round, start_average_round
 from lightning_desloc.compression import CompressionPlan
 from lightning_desloc.ledger import CommLedger
 
@@ -102,15 +102,27 @@ class Comm:
         :func:`~lightning_desloc.averaging.average_round`); one ledger round, bytes per category."""
         if not self.distributed or not any(tensors_by_category.values()):
             return
-        sent = average_round(tensors_by_category, self.world_size, self.group, bucket_cap_bytes, compression)
-        self.ledger.record(sent)
+        sent, calls = average_round(tensors_by_category, self.world_size, self.group, bucket_cap_bytes, compression)
+        self.ledger.record(sent, calls)
+
+    def start_average(self, tensors_by_category: Mapping[str, Sequence[Tensor]], *,
+                      bucket_cap_bytes: int = DEFAULT_BUCKET_CAP_BYTES) -> tuple[dict[str, list[tuple[Tensor, Tensor]]], list[Any]]:
+        """Start averaging ``tensors_by_category`` asynchronously, leaving them untouched (see
+        :func:`~lightning_desloc.averaging.start_average_round`): ``(buckets, works)``; the bytes are
+        recorded now, as the round is issued."""
+        buckets, works, sent, calls = start_average_round(tensors_by_category, self.world_size, self.group,
+                                                          bucket_cap_bytes)
+        if works:
+            self.ledger.record(sent, calls)
+        return buckets, works
 
     def broadcast_(self, tensors: Sequence[Tensor], src: int = 0, category: str = "setup",
                    bucket_cap_bytes: int = DEFAULT_BUCKET_CAP_BYTES) -> None:
         """Overwrite ``tensors`` with rank ``src``'s values (``src`` is a global rank), coalesced."""
         if not tensors or not self.distributed:
             return
-        self.ledger.record({category: broadcast_round(tensors, src, self.group, bucket_cap_bytes)})
+        nbytes, calls = broadcast_round(tensors, src, self.group, bucket_cap_bytes)
+        self.ledger.record({category: nbytes}, calls)
 
     # ------------------------------------------------------------------ small control collectives
     def all_reduce_max(self, values: Tensor, category: str = "control") -> Tensor:
@@ -137,7 +149,7 @@ class Comm:
         if mine:
             buf.copy_(torch.frombuffer(bytearray(payload), dtype=torch.uint8))
         dist.broadcast(buf, src=src, group=self.group)
-        self.ledger.record({category: size.numel() * size.element_size() + n})
+        self.ledger.record({category: size.numel() * size.element_size() + n}, calls=2)
         return obj if mine else pickle.loads(buf.cpu().numpy().tobytes())
 
     def all_gather_object(self, obj: Any, category: str = "control") -> list[Any]:
@@ -146,7 +158,7 @@ class Comm:
             return [obj]
         out: list[Any] = [None] * self.world_size
         dist.all_gather_object(out, obj, group=self.group)
-        self.ledger.record({category: len(pickle.dumps(obj)) * self.world_size})
+        self.ledger.record({category: len(pickle.dumps(obj)) * self.world_size}, calls=2)  # sizes, then payloads
         return out
 
     # ------------------------------------------------------------------ hierarchy

@@ -143,6 +143,8 @@ class DeslocConfig:
     log_comm: bool = True
     #: on resume, start from the consensus instead of raising when a shard is bad
     allow_consensus_fallback: bool = False
+    #: ``tau``: optimizer steps a round stays in flight before its result is applied (0: at once)
+    overlap_steps: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "compression", parse_compression(self.compression))
@@ -156,6 +158,32 @@ class DeslocConfig:
             raise ValueError(f"bucket_cap_mb must be a positive size in MiB, got {self.bucket_cap_mb!r}")
         if self.validate_on not in ("consensus", "local"):
             raise ValueError(f"validate_on must be 'consensus' or 'local', got {self.validate_on!r}")
+        self._check_overlap()
+
+    def _check_overlap(self) -> None:
+        tau = self.overlap_steps
+        if isinstance(tau, bool) or not isinstance(tau, int) or tau < 0:
+            raise ValueError(f"overlap_steps must be a number of optimizer steps >= 0, got {tau!r}; 0 applies "
+                             "every round at once, e.g. overlap_steps=2 applies it two steps later")
+        if tau == 0:
+            return
+        others = {"param_sync_every='auto'": self.is_auto, "compression": bool(self.compression),
+                  "outer_lr": self.outer is not None, "group_size": self.hierarchy is not None,
+                  "max_drift": self.drift is not None, "state_policy='reset'": self.state_policy == "reset"}
+        clash = [name for name, on in others.items() if on]
+        if clash:
+            raise ValueError(f"overlap_steps={tau} cannot be combined with {', '.join(clash)} yet; use "
+                             "overlap_steps=0 with them, or drop them to overlap the rounds")
+        schedule = self.schedule()
+        periods = {"param_sync_every": schedule.param_sync_every,
+                   **{f"state_sync_every[{k!r}]": v for k, v in schedule.state_sync_every.items()}}
+        if schedule.uniform_state_period is not None:
+            periods["state_sync_every"] = schedule.uniform_state_period
+        short = {name: p for name, p in periods.items() if p <= tau}
+        if short:
+            raise ValueError(f"overlap_steps={tau} must be shorter than every period, so that a category has "
+                             f"one round in flight at most; {short} are not. Use overlap_steps < "
+                             f"{min(periods.values())} or longer periods.")
 
     def check_state_keys(self, keys: Iterable[str]) -> None:
         """Raise a ``ValueError`` when ``state_sync_every``, ``group_state_sync_every`` or ``compression``
@@ -306,6 +334,12 @@ ARGUMENT_DOCS: dict[str, str] = {
     "drift_check_every": """optimizer steps between drift checks; only with ``max_drift``.""",
     "bucket_cap_mb": """largest flat buffer of one all-reduce, in MiB.""",
     "log_comm": """log the communication ledger (``comm/...``) to the trainer's loggers at each sync.""",
+    "overlap_steps": """``tau``, optimizer steps a round stays in flight: the round due after step ``s``
+        starts asynchronously on a copy of what is due and its result is applied right after step
+        ``s + tau``, each rank keeping its own progress since ``s`` (rules in
+        :mod:`lightning_desloc.overlap`), so communication hides behind ``tau`` steps of computation.
+        ``0`` (default): applied at once. Shorter than every period; not yet with ``"auto"``,
+        compression, ``outer_lr``, ``group_size``, ``max_drift`` or ``state_policy="reset"``.""",
     "allow_consensus_fallback": """on resume, a truncated, corrupt or foreign per-rank shard raises
         :class:`~lightning_desloc.checkpoint.CheckpointShardError` (default). ``True`` starts every rank
         from the consensus in the main checkpoint file instead, with a warning. See ``docs/checkpointing.md``.""",

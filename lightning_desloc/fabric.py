@@ -73,7 +73,7 @@ from lightning_desloc.sync import float_buffers
 DESLOC_ARGUMENTS = (
     "param_sync_every", "state_sync_every", "state_policy", "compression", "outer_lr", "outer_momentum",
     "outer_nesterov", "comm_budget", "total_steps", "min_param_syncs", "max_drift", "drift_check_every",
-    "bucket_cap_mb", "allow_consensus_fallback",
+    "bucket_cap_mb", "allow_consensus_fallback", "overlap_steps",
 )
 
 __all__ = ["DeslocFabricStrategy"]
@@ -125,6 +125,7 @@ class DeslocFabricStrategy(MeteredCollectives, DDPStrategy):
         drift_check_every: int = 16,
         bucket_cap_mb: float = DEFAULT_BUCKET_CAP_MB,
         allow_consensus_fallback: bool = False,
+        overlap_steps: int = 0,
         accelerator: Optional[Accelerator] = None,
         parallel_devices: Optional[list[torch.device]] = None,
         cluster_environment: Optional[ClusterEnvironment] = None,

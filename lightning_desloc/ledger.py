@@ -12,15 +12,20 @@ Categories:
 * ``eval``: parameters averaged for consensus validation;
 * ``checkpoint``: the consensus round of a checkpoint save;
 * ``metrics``: ``reduce``/``all_gather`` asked for by logging (``self.log(..., sync_dist=True)``);
-* ``control``: barriers, broadcasts and yes/no decisions Lightning asks the strategy for.
+* ``control``: barriers, broadcasts and yes/no decisions Lightning asks the strategy for, and the
+  core's own signals (a few floats riding on each averaging round, e.g. a SIGTERM on some rank).
+
+Besides bytes the ledger counts **calls**: the ``torch.distributed`` collectives issued (a coalesced
+round of three buckets is one round and three calls). On a link with latency every call costs at least
+a round trip, so a local step should issue none.
 
 Example::
 
     >>> ledger = CommLedger()
     >>> ledger.record({"params": 400, "state/exp_avg": 400})
     >>> ledger.add_ddp_equivalent(gradient_bytes=400, steps=4)
-    >>> ledger.bytes["params"], ledger.rounds, ledger.ratio_vs_ddp
-    (400, 1, 2.0)
+    >>> ledger.bytes["params"], ledger.rounds, ledger.calls, ledger.ratio_vs_ddp
+    (400, 1, 1, 2.0)
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ class CommLedger:
         bytes: payload bytes sent per category.
         rounds_by_category: collective rounds that carried each category.
         rounds: collective rounds in all (one coalesced averaging round counts once).
+        calls: ``torch.distributed`` collective calls in all (one per bucket of a round).
         ddp_equivalent_bytes: what DDP would have all-reduced for the same optimizer steps
             (gradient bytes per step times steps).
     """
@@ -48,11 +54,13 @@ class CommLedger:
         self.bytes: dict[str, int] = defaultdict(int)
         self.rounds_by_category: dict[str, int] = defaultdict(int)
         self.rounds = 0
+        self.calls = 0
         self.ddp_equivalent_bytes = 0
 
-    def record(self, nbytes_by_category: Mapping[str, int]) -> None:
-        """Record one collective round that carried ``nbytes_by_category``."""
+    def record(self, nbytes_by_category: Mapping[str, int], calls: int = 1) -> None:
+        """Record one collective round that carried ``nbytes_by_category`` in ``calls`` collective calls."""
         self.rounds += 1
+        self.calls += int(calls)
         for category, nbytes in nbytes_by_category.items():
             self.bytes[category] += int(nbytes)
             self.rounds_by_category[category] += 1
@@ -91,6 +99,7 @@ class CommLedger:
         out[f"{prefix}bytes_ddp_equivalent"] = float(self.ddp_equivalent_bytes)
         out[f"{prefix}bytes_saved"] = float(self.bytes_saved)
         out[f"{prefix}rounds"] = float(self.rounds)
+        out[f"{prefix}calls"] = float(self.calls)
         ratio = self.ratio_vs_ddp
         if ratio != float("inf"):
             out[f"{prefix}ratio_vs_ddp"] = ratio
@@ -101,6 +110,7 @@ class CommLedger:
             "bytes": dict(self.bytes),
             "rounds_by_category": dict(self.rounds_by_category),
             "rounds": self.rounds,
+            "calls": self.calls,
             "ddp_equivalent_bytes": self.ddp_equivalent_bytes,
         }
 
@@ -108,8 +118,9 @@ class CommLedger:
         self.bytes = defaultdict(int, state["bytes"])
         self.rounds_by_category = defaultdict(int, state["rounds_by_category"])
         self.rounds = int(state["rounds"])
+        self.calls = int(state.get("calls", state["rounds"]))  # older checkpoints counted rounds only
         self.ddp_equivalent_bytes = int(state["ddp_equivalent_bytes"])
 
     def __repr__(self) -> str:
         cats = ", ".join(f"{k}={v}" for k, v in sorted(self.bytes.items()))
-        return f"CommLedger(rounds={self.rounds}, {cats}, ddp_equivalent={self.ddp_equivalent_bytes})"
+        return f"CommLedger(rounds={self.rounds}, calls={self.calls}, {cats}, ddp_equivalent={self.ddp_equivalent_bytes})"

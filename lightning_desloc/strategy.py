@@ -33,6 +33,7 @@ from lightning_desloc.compression import Compression
 from lightning_desloc.config import DEFAULT_BUCKET_CAP_MB, ValidateOn, args_section
 from lightning_desloc.ledger import CommLedger
 from lightning_desloc.schedule import StatePolicy, StateSyncEvery, SyncPlan
+from lightning_desloc.sigterm import stop_on_rounds
 from lightning_desloc.sync import averaged_state_keys
 
 __all__ = ["DeslocStrategy", "averaged_state_keys"]
@@ -44,7 +45,7 @@ DESLOC_ARGUMENTS = (
     "param_sync_every", "state_sync_every", "validate_on", "state_policy", "compression", "outer_lr",
     "outer_momentum", "outer_nesterov", "group_size", "group_param_sync_every", "group_state_sync_every",
     "comm_budget", "min_param_syncs", "max_drift", "drift_check_every", "bucket_cap_mb", "log_comm",
-    "allow_consensus_fallback",
+    "allow_consensus_fallback", "overlap_steps",
 )
 
 
@@ -108,6 +109,7 @@ class DeslocStrategy(MeteredCollectives, DDPStrategy):
         bucket_cap_mb: float = DEFAULT_BUCKET_CAP_MB,
         log_comm: bool = True,
         allow_consensus_fallback: bool = False,
+        overlap_steps: int = 0,
         accelerator: Optional["pl.accelerators.Accelerator"] = None,
         parallel_devices: Optional[list[torch.device]] = None,
         cluster_environment: Optional[ClusterEnvironment] = None,
@@ -131,6 +133,7 @@ class DeslocStrategy(MeteredCollectives, DDPStrategy):
         #: the framework-independent DES-LOC core: schedule, step counters, rounds, ledger
         self.core = build_core(arguments, buffers=self._float_buffers, log=self._log_metrics)
         self._stashed_local: Optional[list[Tensor]] = None
+        self._warned_reduce = False
         #: how the last ``fit(ckpt_path=...)`` resumed: local or consensus path, and why (None: no resume)
         self.resume_decision: Optional[desloc_checkpoint.ResumeDecision] = None
 
@@ -198,6 +201,8 @@ class DeslocStrategy(MeteredCollectives, DDPStrategy):
             _optimizers_to_device(self.optimizers, self.root_device)
             self.core.attach(self.optimizers)
             self.core.total_steps = lambda: float(trainer.estimated_stepping_batches)
+            if self.world_size > 1:
+                stop_on_rounds(trainer, self.core)  # no SIGTERM broadcast before every batch
 
     def _module_tensors(self) -> list[Tensor]:
         assert self.model is not None
@@ -286,7 +291,22 @@ class DeslocStrategy(MeteredCollectives, DDPStrategy):
     # ------------------------------------------------------------------ metered Lightning collectives
     def reduce(self, tensor: Any, group: Optional[Any] = None, reduce_op: Optional[Any] = "mean") -> Any:
         self._meter(tensor)
+        self._warn_reduce_in_training(tensor)
         return super().reduce(tensor, group=group, reduce_op=reduce_op)
+
+    def _warn_reduce_in_training(self, tensor: Any) -> None:
+        """``self.log(..., sync_dist=True)`` in ``training_step`` all-reduces on every logging step: say
+        once what that costs, from the ledger's own count."""
+        trainer = self.lightning_module._trainer if self.lightning_module is not None else None
+        if self._warned_reduce or trainer is None or not trainer.training or not isinstance(tensor, Tensor):
+            return
+        self._warned_reduce = True
+        rank_zero_warn(
+            f"self.log(..., sync_dist=True) during training all-reduces {tensor.numel() * tensor.element_size()} "
+            "bytes on every logging step: one collective, so one round trip of the link, per step, which DES-LOC "
+            "otherwise avoids (ledger category 'metrics', calls in comm/calls). Log each rank's own value "
+            "(sync_dist=False), or reduce in validation, where the model is the consensus."
+        )
 
     # ---- checkpointing: consensus main file + per-rank shards; the logic lives in checkpoint.py
     @property

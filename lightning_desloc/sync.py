@@ -66,10 +66,15 @@ from lightning_desloc.groups import check_group_keys, within_group_plan
 from lightning_desloc.ledger import CommLedger
 from lightning_desloc.options import Metrics, ResetStates, Round, SyncOption, is_averaged
 from lightning_desloc.outer import OuterOptimizer
+from lightning_desloc.overlap import BlockingRounds, OverlappedRounds
 from lightning_desloc.schedule import SyncPlan, SyncSchedule
 from lightning_desloc.snapshot import ConsensusSnapshot
 
-__all__ = ["DeslocSync", "Level", "averaged_state_keys", "is_averaged", "optimizer_params"]
+__all__ = ["SIGNALS", "DeslocSync", "Level", "averaged_state_keys", "is_averaged", "optimizer_params"]
+
+#: yes/no signals the ranks agree on without a collective of their own (see :meth:`DeslocSync.raise_signal`):
+#: ``"stop"``, some rank was asked to stop (a SIGTERM)
+SIGNALS: tuple[str, ...] = ("stop",)
 
 _log = logging.getLogger(__name__)
 
@@ -200,6 +205,8 @@ class DeslocSync:
             self.levels.insert(0, Level("group", CommLedger(), inner))
         self.snapshot = ConsensusSnapshot()
         self.options = build_options(self.config, self.snapshot, world, self.info)
+        #: how the outermost round's result reaches the tensors: at once, or ``overlap_steps`` later
+        self.rounds = OverlappedRounds(self.config.overlap_steps) if self.config.overlap_steps else BlockingRounds()
         self.total_steps = total_steps
         self._wire: Optional[CompressionPlan] = next(
             (o.plan for o in self.options if isinstance(o, CompressionOption)), None)
@@ -211,6 +218,12 @@ class DeslocSync:
         self._calls_before: list[int] = []
         self._hooks: list[Any] = []
         self._state_keys: list[Optional[tuple[str, ...]]] = []
+        self._raised: set[str] = set()
+        self._signal_buffer: Optional[Tensor] = None
+        self._unread_signals = False
+        #: the signals (:data:`SIGNALS`) some rank had raised by the last outermost round; equal on every
+        #: rank, read one optimizer step after that round
+        self.agreed: frozenset[str] = frozenset()
 
     def _info(self, message: str) -> None:
         if self.comm.rank == 0:
@@ -299,6 +312,43 @@ class DeslocSync:
         """Position of ``optimizer`` among the attached ones, ``None`` when it is not attached."""
         return next((i for i, opt in enumerate(self.optimizers) if opt is optimizer), None)
 
+    # ------------------------------------------------------------------ signals
+    def raise_signal(self, name: str) -> None:
+        """Tell every rank ``name`` (one of :data:`SIGNALS`, e.g. ``"stop"`` on a SIGTERM) without a
+        collective of its own: the flag rides on the next outermost averaging round, and one optimizer
+        step after that round every rank finds it in :attr:`agreed`. Safe to call from a signal handler."""
+        if name not in SIGNALS:
+            raise ValueError(f"unknown signal {name!r}; the core carries {SIGNALS}")
+        self._raised.add(name)
+
+    def raised(self, name: str) -> bool:
+        """Whether this rank has raised signal ``name``."""
+        return name in self._raised
+
+    def _signals_for_round(self, device: torch.device) -> Tensor:
+        """The flags this rank sends: one float per signal, set with scalar fills (no host transfer)."""
+        self._read_signals()  # a round that arrived at this very step must not be overwritten unread
+        if self._signal_buffer is None or self._signal_buffer.device != device:
+            self._signal_buffer = torch.zeros(len(SIGNALS), dtype=torch.float32, device=device)
+        buf = self._signal_buffer
+        buf.zero_()
+        for name in self._raised:
+            buf[SIGNALS.index(name)] = 1.0
+        return buf
+
+    def _signals_arrived(self, mean: Tensor) -> None:
+        """A round's signals arrived (``mean`` over ranks): read them one step later."""
+        if self._signal_buffer is not None and mean is not self._signal_buffer:
+            self._signal_buffer.copy_(mean)
+        self._unread_signals = True
+
+    def _read_signals(self) -> None:
+        # one step after the round, so that on a GPU the round has long finished when the host reads it
+        if self._unread_signals and self._signal_buffer is not None:
+            values = self._signal_buffer.tolist()
+            self.agreed = frozenset(name for name, v in zip(SIGNALS, values) if v > 0)
+            self._unread_signals = False
+
     # ------------------------------------------------------------------ the step
     def begin_step(self, optimizer: Optimizer) -> int:
         """Call right before the optimizer step is attempted; returns the optimizer's index for
@@ -338,11 +388,14 @@ class DeslocSync:
         if self._step_calls[index] == self._calls_before[index]:
             return None
         self._calls_before[index] = self._step_calls[index]
+        self._read_signals()
         self.optimizer_steps[index] += 1
         step = self.optimizer_steps[index]
         self.ledger.add_ddp_equivalent(gradient_bytes(optimizer))
         keys = self._keys_of(index, optimizer)
         self.params_in_sync = False
+        # a round started overlap_steps ago lands now (never with overlap_steps=0)
+        self.rounds.apply_due(index, step, optimizer, self._due_tensors_of, self._signals_arrived)
         # 2. what each level's schedule has due
         plans = [level.due(step, keys) for level in self.levels]
         # 3. the options adjust the outermost plan (an early average, the auto warm-up's timing)
@@ -372,20 +425,28 @@ class DeslocSync:
         """One round per level, innermost first; a level's round also carries what every level above it
         has due. Then the options act on the outermost round, the snapshot is refreshed, the ledger logged."""
         carried = plans[-1]
+        # the signals ride on the outermost round (and on the inner one before it, so that they reach
+        # every rank): a mean over ranks, > 0 where any rank raised one
+        signals = None if carried.empty else self._signals_for_round(optimizer_params(optimizer)[0].device)
         for level, plan in zip(self.levels[:-1], plans[:-1]):  # with two levels: the one inner level
             inner = within_group_plan(carried, plan)
             level.last_plan = None if inner.empty or level.schedule is None else inner
             if level.last_plan is not None and level.comm is not None:
-                level.comm.average_(self._due_tensors(optimizer, inner, with_buffers),
+                due = self._due_tensors(optimizer, inner, with_buffers)
+                level.comm.average_({**due, "control": [signals]} if signals is not None else due,
                                     bucket_cap_bytes=self.bucket_cap_bytes)
         outer = self.levels[-1]
         outer.last_plan = None if carried.empty else carried
-        if carried.empty:
+        if signals is None:
             return None
         start = time.perf_counter()
         assert outer.comm is not None
-        outer.comm.average_(self._due_tensors(optimizer, carried, with_buffers),
-                            bucket_cap_bytes=self.bucket_cap_bytes, compression=self._wire)
+        self.rounds.average(outer.comm, {**self._due_tensors(optimizer, carried, with_buffers), "control": [signals]},
+                            index=self.index_of(optimizer) or 0, plan=carried, bucket_cap_bytes=self.bucket_cap_bytes,
+                            on_control=self._signals_arrived, compression=self._wire)
+        for level in self.levels[:-1]:  # an inner level without a round now still has to hear them
+            if level.last_plan is None and level.comm is not None:
+                level.comm.average_({"control": [signals]})
         rnd = Round(carried.step, optimizer, carried, keys, time.perf_counter() - start)
         self._after_round(rnd)
         return carried
@@ -397,9 +458,22 @@ class DeslocSync:
         if rnd.plan.params:
             if self._needs_snapshot and not rnd.snapshot_taken:
                 self.snapshot.take(optimizer_params(rnd.optimizer))
-            if len(self.optimizers) == 1:
+            if len(self.optimizers) == 1 and self.rounds.applies_now:
                 self.params_in_sync = True
         self._emit({**self.ledger_metrics(), **metrics})
+
+    def _due_tensors_of(self, index: int, plan: SyncPlan) -> dict[str, list[Tensor]]:
+        return self._due_tensors(self.optimizers[index], plan, with_buffers=index == 0)
+
+    def finish_rounds(self) -> None:
+        """Wait for every round in flight (``overlap_steps``); each is still applied at its own step.
+        Before anything that reads the consensus of all ranks (a checkpoint save, consensus validation)."""
+        self.rounds.finish()
+
+    def _apply_all_rounds(self) -> None:
+        for index, optimizer in enumerate(self.optimizers):
+            self.rounds.apply_due(index, self.optimizer_steps[index], optimizer, self._due_tensors_of,
+                                  self._signals_arrived, everything=True)
 
     def _due_tensors(self, optimizer: Optimizer, plan: SyncPlan, with_buffers: bool) -> dict[str, list[Tensor]]:
         """The tensors ``plan`` says are due, by ledger category; this is where each state is averaged."""
@@ -423,6 +497,7 @@ class DeslocSync:
         """Average every parameter and floating buffer of ``modules`` now, exactly (no compression, no
         outer step), through every level that can differ; bytes of the outermost go to ``category``
         (buffers to ``"buffers"`` when ``category`` is ``"params"``)."""
+        self.finish_rounds()  # a round in flight has arrived before the consensus round goes out
         modules = [modules] if isinstance(modules, Module) else list(modules)
         tensors: dict[str, list[Tensor]] = {category: unique_parameters(modules)}
         buffers = float_buffers(modules)
@@ -436,7 +511,9 @@ class DeslocSync:
     def reach_consensus(self, modules: Union[Module, Sequence[Module]]) -> bool:
         """Leave every rank with the consensus parameters, as at the end of training: average them unless
         they already are (then nothing is sent), then the options act as after a parameter average (the
-        outer step when ``outer_lr`` is set). Returns whether a round ran."""
+        outer step when ``outer_lr`` is set). Returns whether a round ran. A round still in flight is
+        applied first (the rules keep the mean, so the consensus is the same either way)."""
+        self._apply_all_rounds()
         if self.params_in_sync:
             return False
         self.average_parameters(modules)
@@ -479,6 +556,7 @@ class DeslocSync:
             "optimizer_steps": list(self.optimizer_steps),
             "ledgers": {level.name: level.ledger.state_dict() for level in self.levels},
             "options": {o.name: o.state_dict() for o in self.options if not o.shared},
+            "in_flight": self.rounds.state_dict(),
         }
         return {"shared": shared, "local": local}
 
@@ -500,6 +578,8 @@ class DeslocSync:
         for option in self.options:
             part = shared if option.shared else (local or {})
             option.load_state_dict(part.get("options", {}).get(option.name), device)
+        # rounds in flight belong to this rank's own state: a consensus resume starts without
+        self.rounds.load_state_dict((local or {}).get("in_flight"), device)
 
     def set_steps(self, steps: Sequence[int]) -> None:
         """Set the step counters (a resume), one per attached optimizer; missing ones start at 0."""
@@ -514,6 +594,7 @@ def merge_ledgers(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, A
         "bytes": dict(saved["bytes"]),
         "rounds_by_category": dict(saved["rounds_by_category"]),
         "rounds": saved["rounds"] + current["rounds"],
+        "calls": saved.get("calls", saved["rounds"]) + current.get("calls", current["rounds"]),
         "ddp_equivalent_bytes": saved["ddp_equivalent_bytes"] + current["ddp_equivalent_bytes"],
     }
     for key in ("bytes", "rounds_by_category"):

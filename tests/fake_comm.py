@@ -106,6 +106,29 @@ class FakeComm:
                     offset += t.numel()
         self.ledger.record(dict(sent))
 
+    def start_average(self, tensors_by_category, *, bucket_cap_bytes: int = 0):
+        """The overlapped round: the means arrive at once here (a thread exchange), which is one of the
+        timings a real asynchronous round may have. One flat per category and dtype."""
+        cats = [c for c, ts in tensors_by_category.items() if ts]
+        self.calls.append(("start_average", tuple(cats)))
+        mine = {}
+        for cat in cats:
+            by_kind = defaultdict(list)
+            for t in tensors_by_category[cat]:
+                by_kind[(t.dtype, t.device)].append(t.detach().reshape(-1).clone())
+            mine[cat] = [torch.cat(ts) for ts in by_kind.values()]
+        everyone = self.group.exchange(self.member, mine)
+        buckets = {}
+        for cat in cats:
+            buckets[cat] = []
+            for i, flat in enumerate(mine[cat]):
+                total = everyone[0][cat][i].clone()
+                for other in everyone[1:]:
+                    total += other[cat][i]
+                buckets[cat].append((flat, total / self.group.size))
+        self.ledger.record({cat: sum(t.numel() * t.element_size() for t in tensors_by_category[cat]) for cat in cats})
+        return buckets, []
+
     def broadcast_(self, tensors, src: int = 0, category: str = "setup", bucket_cap_bytes: int = 0) -> None:
         if not tensors or not self.distributed:
             return

@@ -299,6 +299,46 @@ def simulate_two_level(
     return _run(cfg, n_calls, workers, init, average_due)
 
 
+def simulate_overlapped(cfg: Config, n_calls: int, overlap_steps: int, workers: int = 2,
+                        init: Optional[list[Tensor]] = None) -> list[list[dict]]:
+    """:func:`simulate` with every average applied ``tau = overlap_steps`` completed steps after the step
+    that made it due. Right after step ``s``, first what was due after ``s - tau`` lands, then what is
+    due after ``s`` starts from the values at ``s``::
+
+        x_m <- mean_j(x_j at s - tau) + (x_m - x_m at s - tau)                          parameters
+        k_m <- d mean_j(k_j at s - tau) + (k_m - d k_m at s - tau),   d = beta_k ** tau    state k
+
+    with ``beta`` = ``beta1`` for ``exp_avg``, ``beta2`` for ``exp_avg_sq`` (clamped at 0), ``momentum``
+    for ``momentum_buffer``; ``tau >= 1``. History as :func:`simulate`."""
+    decay = {"exp_avg": cfg.betas[0], "exp_avg_sq": cfg.betas[1], "momentum_buffer": cfg.momentum}
+    in_flight: list[tuple[int, str, list[list[Tensor]], list[Tensor]]] = []  # (apply at, what, x_s per worker, mean)
+
+    def get(w: Worker, what: str) -> list[Tensor]:
+        return w.params if what == "params" else w.state[what]
+
+    def put(w: Worker, what: str, value: list[Tensor]) -> None:
+        if what == "params":
+            w.params = value
+        else:
+            w.state[what] = value
+
+    def average_due(team: list[Worker], s: int) -> None:
+        for item in [i for i in in_flight if i[0] == s]:
+            _, what, then, mean = item
+            d = 1.0 if what == "params" else decay[what] ** overlap_steps
+            for w, own_then in zip(team, then):
+                new = [d * m + (now - d * old) for m, now, old in zip(mean, get(w, what), own_then)]
+                put(w, what, [v.clamp(min=0) for v in new] if what == "exp_avg_sq" else new)
+            in_flight.remove(item)
+        due = (["params"] if s % cfg.param_sync_every == 0 else []) + [
+            k for k in cfg.state_keys() if s % cfg.state_sync_every[k] == 0]
+        for what in due:
+            then = [[t.clone() for t in get(w, what)] for w in team]
+            in_flight.append((s + overlap_steps, what, then, _average(then)))
+
+    return _run(cfg, n_calls, workers, init, average_due)
+
+
 def _run(cfg: Config, n_calls: int, workers: int, init: Optional[list[Tensor]], average_due) -> list[list[dict]]:
     """The simulators' common loop: a local step on every worker, then ``average_due(team, s)`` after
     completed step ``s``; a skipped step (non-finite gradient) changes nothing and is not counted."""

@@ -90,7 +90,8 @@ def test_three_ranks_match_the_reference_after_every_step():
     # exp_avg after 4, 8, 12; exp_avg_sq after 6, 12; one round per step with anything due
     n = ref.N_PARAMS * 8
     ledger = out[0]["core"].ledger
-    assert dict(ledger.bytes) == {"params": 6 * n, "state/exp_avg": 3 * n, "state/exp_avg_sq": 2 * n}
+    # and each round carries the core's signals: one float32
+    assert dict(ledger.bytes) == {"params": 6 * n, "state/exp_avg": 3 * n, "state/exp_avg_sq": 2 * n, "control": 6 * 4}
     assert ledger.rounds == 6 and ledger.ddp_equivalent_bytes == 12 * n
     # what after_step returned: the plan of the round, None for a skipped or a local step
     assert out[0]["plans"][3] is None and out[0]["plans"][4] == SyncPlan(4, params=True, states=("exp_avg",))
@@ -110,9 +111,9 @@ def test_two_levels_match_the_two_level_reference():
     n = ref.N_PARAMS * 8
     # inner rounds carry the inner level's due and everything the outer level has due:
     # params after 2, 3, 4, 6, 8, 9, 10, 12; momentum after 4, 6, 8, 12
-    assert dict(core.group_level.ledger.bytes) == {"params": 8 * n, "state/momentum_buffer": 4 * n}
+    assert dict(core.group_level.ledger.bytes) == {"params": 8 * n, "state/momentum_buffer": 4 * n, "control": 4 * 4}
     # outer: params after 3, 6, 9, 12; momentum after 6, 12
-    assert dict(core.ledger.bytes) == {"params": 4 * n, "state/momentum_buffer": 2 * n}
+    assert dict(core.ledger.bytes) == {"params": 4 * n, "state/momentum_buffer": 2 * n, "control": 4 * 4}
 
 
 class Recording(SyncOption):
@@ -233,3 +234,91 @@ def test_a_state_key_no_optimizer_keeps_is_an_error_at_the_first_step(argument):
     with pytest.raises(ValueError, match=rf"{name} names state key\(s\) \['{next(iter(value))}'\] that no optimizer keeps; "
                                          r"the optimizers' averaged state keys are \['exp_avg', 'exp_avg_sq'\]"):
         local_step(core, net, opt, rank=0, call=0)
+
+
+def _stop_signal(rank, world, comm, config, raise_on, raise_at_call, n_calls):
+    with _init:
+        net, opt = make_worker(ref.Config("sgd", 3, {"momentum_buffer": 6}, lr=0.05))
+    core = DeslocSync(config, comm=comm)
+    core.setup_groups()
+    core.attach([opt])
+    agreed = []
+    for call in range(n_calls):
+        if rank == raise_on and call == raise_at_call:
+            core.raise_signal("stop")
+        local_step(core, net, opt, rank, call)
+        agreed.append("stop" in core.agreed)
+    return agreed
+
+
+@pytest.mark.parametrize("group_param_sync_every", [None, 1, 2])
+def test_a_signal_raised_on_one_rank_reaches_every_rank_at_the_same_step(group_param_sync_every):
+    # rank 3 raises during step 4 (call 3); K_x = 3: it rides on the round after step 6 and every rank reads
+    # it one step later, at step 7 -- also across hierarchical groups (rank 0 shares neither group nor position)
+    groups = {} if group_param_sync_every is None else dict(group_size=2, group_param_sync_every=group_param_sync_every)
+    config = DeslocConfig.from_arguments(param_sync_every=3, state_sync_every={"momentum_buffer": 6}, **groups)
+    out = run_on_threads(_stop_signal, 4, config, 3, 3, 9)
+    for rank in range(4):
+        assert out[rank] == [step >= 7 for step in range(1, 10)], rank
+
+
+@pytest.mark.parametrize("cfg, tau, world", [
+    (ref.Config("adam", 4, {"exp_avg": 8, "exp_avg_sq": 12}, lr=0.05, skip_calls=frozenset({5})), 2, 3),
+    (ref.Config("adam", 4, {"exp_avg": 6, "exp_avg_sq": 12}, lr=0.05), 3, 2),
+    (ref.Config("sgd", 3, {"momentum_buffer": 5}, lr=0.05, nesterov=True), 1, 2),
+])
+def test_overlapped_rounds_match_the_delayed_reference_after_every_step(cfg, tau, world):
+    n_calls = 22
+    config = DeslocConfig(param_sync_every=cfg.param_sync_every, state_sync_every=cfg.state_sync_every,
+                          overlap_steps=tau)
+    out = run_on_threads(train, world, cfg, n_calls, config)
+    want = ref.simulate_overlapped(cfg, n_calls, tau, workers=world)
+    for call in range(n_calls + 1):
+        for rank in range(world):
+            ref.assert_snapshot_matches(out[rank]["history"][call], want[call][rank], f"call {call}, rank {rank}")
+    # the ranks differ at every step after the first average (each keeps its own progress)
+    last = [out[r]["history"][-1]["params"][0] for r in range(world)]
+    assert not torch.equal(last[0], last[1])
+
+
+def test_overlap_steps_must_be_shorter_than_every_period():
+    with pytest.raises(ValueError, match=r"overlap_steps=4 must be shorter than every period.*'param_sync_every': 4"):
+        DeslocConfig(param_sync_every=4, overlap_steps=4)
+    with pytest.raises(ValueError, match=r"\"state_sync_every\['exp_avg'\]\": 3"):
+        DeslocConfig(param_sync_every=8, state_sync_every={"exp_avg": 3, "exp_avg_sq": 48}, overlap_steps=3)
+    with pytest.raises(ValueError, match="cannot be combined with compression, outer_lr yet"):
+        DeslocConfig.from_arguments(param_sync_every=8, overlap_steps=2, compression="bf16", outer_lr=0.7)
+    with pytest.raises(ValueError, match="overlap_steps must be a number of optimizer steps >= 0"):
+        DeslocConfig(overlap_steps=-1)
+
+
+def _resumable_overlapped(rank, world, comm, stop_at):
+    """Like ``_resumable`` with ``overlap_steps=2``: a save at ``stop_at`` falls while a round is in flight."""
+    config = DeslocConfig(param_sync_every=3, state_sync_every={"exp_avg": 4, "exp_avg_sq": 6}, overlap_steps=2)
+    with _init:
+        net, opt = make_worker(ADAM)
+    core = DeslocSync(config, comm=comm)
+    core.attach([opt])
+    in_flight_at_save = None
+    for call in range(12):
+        if call == stop_at:
+            in_flight_at_save = core.rounds.in_flight
+            saved = copy.deepcopy({"core": core.state_dict(), "model": net.state_dict(), "opt": opt.state_dict()})
+            with _init:
+                net, opt = make_worker(ADAM)
+            net.load_state_dict(saved["model"])
+            opt.load_state_dict(saved["opt"])
+            core = DeslocSync(config, comm=comm)
+            core.attach([opt])
+            core.load_state_dict(saved["core"])
+        local_step(core, net, opt, rank, call)
+    return [p.detach().clone() for p in net.parameters()], in_flight_at_save
+
+
+@pytest.mark.parametrize("stop_at", [4, 7])  # after steps 4 and 7: the rounds of steps 3 and 6 are in flight
+def test_a_round_in_flight_survives_a_save_and_resume_bit_for_bit(stop_at):
+    straight = run_on_threads(_resumable_overlapped, 2, None)
+    resumed = run_on_threads(_resumable_overlapped, 2, stop_at)
+    for rank in range(2):
+        assert resumed[rank][1] >= 1
+        assert all(torch.equal(a, b) for a, b in zip(straight[rank][0], resumed[rank][0])), rank

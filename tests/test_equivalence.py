@@ -67,7 +67,7 @@ CASES = {
 }
 
 
-def run_fit(tmp_path, cfg: ref.Config, n_calls: int, state_sync_every, manual: bool):
+def run_fit(tmp_path, cfg: ref.Config, n_calls: int, state_sync_every, manual: bool, overlap_steps: int = 0):
     """One real 2-process fit; returns the strategy of the main process and each rank's records."""
     kwargs = {"accumulate_grad_batches": cfg.accumulate}
     if cfg.clip_norm is not None and not manual:  # manual optimization clips in training_step
@@ -75,7 +75,7 @@ def run_fit(tmp_path, cfg: ref.Config, n_calls: int, state_sync_every, manual: b
     if cfg.skip_calls:
         kwargs["plugins"] = [MixedPrecision(precision="16-mixed", device="cpu", scaler=torch.amp.GradScaler("cpu"))]
     strategy = DeslocStrategy(param_sync_every=cfg.param_sync_every, state_sync_every=state_sync_every,
-                              start_method="spawn")
+                              overlap_steps=overlap_steps, start_method="spawn")
     model = Mlp(cfg, n_calls, manual=manual)
     model.double()
     trainer = L.Trainer(
@@ -139,3 +139,24 @@ def test_reference_averages_on_the_documented_steps():
         for key, period in ADAM_PERIODS.items():
             same = all(torch.equal(p, q) for p, q in zip(a["state"][key], b["state"][key]))
             assert same == (s % period == 0), (s, key)
+
+
+def test_overlapped_fit_matches_the_delayed_reference(tmp_path):
+    # overlap_steps=2: every average lands two optimizer steps after the step that made it due, each rank
+    # keeping its progress since (rules re-derived in reference.simulate_overlapped)
+    cfg = ref.Config("adam", param_sync_every=3, state_sync_every={"exp_avg": 4, "exp_avg_sq": 6}, lr=2e-2,
+                     accumulate=2)
+    n_calls, tau = 14, 2
+    strategy, ranks = run_fit(tmp_path, cfg, n_calls, cfg.state_sync_every, False, overlap_steps=tau)
+    history = ref.simulate_overlapped(cfg, n_calls, tau, workers=WORLD, init=ref.start_params(0, cfg.seed))
+    for r in range(WORLD):
+        for call, (got, want) in enumerate(zip(ranks[r]["history"], history)):
+            ref.assert_snapshot_matches(got, want[r], f"overlap: rank {r} after optimizer-step call {call}")
+    # the delayed rule keeps the mean: after fit every rank holds the mean of the last local parameters
+    expected_final = ref.consensus(history[-1])
+    for r in range(WORLD):
+        torch.testing.assert_close(ranks[r]["final"], expected_final, **ref.SNAPSHOT_TOL)
+    # rounds after steps 3, 6, 9, 12 plus the closing average (the ranks differ after every landing)
+    model_bytes = ref.N_PARAMS * 8
+    assert strategy.ledger.bytes["params"] == (n_calls // 3 + 1) * model_bytes
+    assert strategy.ledger.bytes["state/exp_avg"] == (n_calls // 4) * model_bytes

@@ -213,13 +213,17 @@ def test_fabric_matches_the_reference_and_the_schedule_bytes(tmp_path, name):
         if n_steps // cfg.state_sync_every[key]:
             schedule[f"state/{key}"] = n_steps // cfg.state_sync_every[key] * model_bytes
     broadcast_bytes = 8 + len(pickle.dumps(BROADCAST_OBJ))
-    expected = {**schedule, "setup": model_bytes, "metrics": 8, "control": 8 + broadcast_bytes}
+    # every scheduled round also carries the core's signals: one float32
+    rounds = sum(1 for s in range(1, n_steps + 1) if s % cfg.param_sync_every == 0
+                 or any(s % p == 0 for p in cfg.state_sync_every.values()))
+    signal_bytes = 4 * rounds
+    expected = {**schedule, "setup": model_bytes, "metrics": 8, "control": 8 + broadcast_bytes + signal_bytes}
     for r in range(WORLD):
         ledger = ranks[r]["ledger"]
         assert ledger["bytes"] == expected, f"rank {r}"
         assert ledger["ddp_equivalent_bytes"] == n_steps * model_bytes
         sent = ranks[r]["sent"]
-        assert sent["all_reduce"] == sum(schedule.values()) + 8 + 8  # schedule, metrics, boolean decision
+        assert sent["all_reduce"] == sum(schedule.values()) + signal_bytes + 8 + 8  # schedule, metrics, decision
         assert sent["broadcast"] == model_bytes + broadcast_bytes
 
     # log_comm_with: one call per round at the step it followed, with the params bytes sent so far

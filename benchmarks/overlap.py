@@ -1,0 +1,249 @@
+"""Rounds overlapped with compute (``overlap_steps``) on a link with bandwidth and latency.
+
+    python benchmarks/overlap.py                         # 100 Mbit/s, 25 ms one way, K_x = 32
+    python benchmarks/overlap.py --mbit 100 --latency-ms 25 --k 32 --tau 24 --steps 192
+    python benchmarks/overlap.py --smoke                 # tiny model, a few steps: checks that it runs
+
+Three runs of the same 2-rank ``Trainer(devices=2, strategy=DeslocStrategy(...))`` fit, each a fresh
+Python process, torch limited to 1 thread per rank:
+
+* ``no communication``: ``param_sync_every`` longer than the run, so no round at all: the compute-only
+  step time of the same processes under the same strategy;
+* ``blocking``: DES-LOC at ``K_x`` (paper periods: ``K_u = 3 K_x``, ``K_v = 6 K_x``), every round
+  waited for in the step that made it due;
+* ``overlapped``: the same with ``overlap_steps=tau``.
+
+**The link is modelled, not built** (this kernel has no ``netem``, so a network namespace cannot add
+latency): in every rank, ``torch.distributed``'s collectives are wrapped so that each one still runs
+(over loopback) and additionally completes no earlier than a virtual link allows. The link carries one
+transfer at a time, in issue order; a collective of ``n`` payload bytes between ``M`` ranks occupies it
+for ``2 (M-1)/M * n / bandwidth + 2 (M-1) * latency`` seconds (a ring all-reduce: ``2(M-1)`` hops,
+each a one-way latency), starting when it is issued or when the previous transfer ends, whichever is
+later. A blocking collective returns then; an asynchronous one's ``wait()`` sleeps until then. So a
+blocking round costs its full transfer time in the step, and an overlapped one only what is left of it
+``tau`` steps later. What it leaves out: TCP's slow start and loss, and the CPU the real loopback
+all-reduce takes (it is there, on the same 2 cores, in every run alike).
+
+A step is the wall time between consecutive ``on_train_batch_end`` callbacks on rank 0; reported: the
+mean over the timed steps (the timed window is a whole number of the longest period, so every kind of
+round is in it in proportion), the median, and the ratio to the compute-only mean. ``limit`` is
+``max(compute, link time per step)``: what perfect overlap would give.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import lightning as L  # noqa: E402
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from lightning.pytorch.callbacks import Callback  # noqa: E402
+from torch.utils.data import DataLoader, Dataset  # noqa: E402
+
+from common import markdown_table, write_json  # noqa: E402
+from lightning_desloc import DeslocStrategy  # noqa: E402
+
+
+# ----------------------------------------------------------------------------------------------- the link
+class VirtualLink:
+    """One rank's view of a serial link: ``occupy(n)`` books a transfer of ``n`` payload bytes and returns
+    the monotonic time it ends (see the module docstring for the cost model)."""
+
+    def __init__(self, bandwidth_Bps: float, latency_s: float, world: int) -> None:
+        self.bandwidth, self.latency, self.world = bandwidth_Bps, latency_s, world
+        self.free_at = 0.0
+        self.busy_s = 0.0
+
+    def cost(self, nbytes: int) -> float:
+        hops = 2 * (self.world - 1)
+        return hops / self.world * nbytes / self.bandwidth + hops * self.latency
+
+    def occupy(self, nbytes: int) -> float:
+        start = max(time.monotonic(), self.free_at)
+        self.free_at = start + self.cost(nbytes)
+        self.busy_s += self.free_at - start
+        return self.free_at
+
+
+class _LinkedWork:
+    def __init__(self, work, done_at: float) -> None:
+        self.work, self.done_at = work, done_at
+
+    def wait(self, *args, **kwargs):
+        out = self.work.wait(*args, **kwargs)
+        time.sleep(max(0.0, self.done_at - time.monotonic()))
+        return out
+
+    def __getattr__(self, name):
+        return getattr(self.work, name)
+
+
+def put_on_link(link: VirtualLink) -> None:
+    """Wrap this process's tensor collectives so that each also waits for ``link``."""
+    def wrap(fn):
+        def linked(tensor, *args, **kwargs):
+            tensors = tensor if isinstance(tensor, (list, tuple)) else [tensor]
+            nbytes = sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+            done_at = link.occupy(nbytes)
+            work = fn(tensor, *args, **kwargs)
+            if kwargs.get("async_op"):
+                return _LinkedWork(work, done_at)
+            time.sleep(max(0.0, done_at - time.monotonic()))
+            return work
+        return linked
+
+    for name in ("all_reduce", "broadcast"):
+        setattr(dist, name, wrap(getattr(dist, name)))
+
+
+# ----------------------------------------------------------------------------------------------- a run
+class Batches(Dataset):
+    """``length`` ready-made batches cycling over a small pool (no per-sample collation)."""
+
+    def __init__(self, length: int, batch: int, width: int, pool: int = 8):
+        g = torch.Generator().manual_seed(0)
+        self.x, self.y = torch.randn(pool, batch, width, generator=g), torch.randn(pool, batch, width, generator=g)
+        self.length = length
+
+    def __len__(self):
+        return self.length
+
+    def __getitem__(self, i):
+        return self.x[i % len(self.x)], self.y[i % len(self.y)]
+
+
+class Mlp(L.LightningModule):
+    def __init__(self, width: int, depth: int, steps: int, batch: int):
+        super().__init__()
+        self.width, self.steps, self.batch = width, steps, batch
+        layers = []
+        for _ in range(depth):
+            layers += [torch.nn.Linear(width, width), torch.nn.Tanh()]
+        self.net = torch.nn.Sequential(*layers)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return torch.nn.functional.mse_loss(self.net(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=1e-3)
+
+    def train_dataloader(self):
+        return DataLoader(Batches(self.steps, self.batch, self.width), batch_size=None, shuffle=False)
+
+
+class StepTimes(Callback):
+    def __init__(self, link_args, out: str):
+        self.link_args, self.out, self.times, self.link = link_args, out, [], None
+
+    def setup(self, trainer, pl_module, stage):
+        torch.set_num_threads(1)
+        self.link = VirtualLink(*self.link_args, world=trainer.world_size)
+        put_on_link(self.link)
+
+    def on_train_batch_end(self, trainer, *args):
+        self.times.append(time.perf_counter())
+
+    def on_train_end(self, trainer, pl_module):
+        if trainer.global_rank == 0:
+            Path(self.out).write_text(json.dumps({"times": self.times, "link_busy_s": self.link.busy_s,
+                                                  "ledger_bytes": dict(trainer.strategy.ledger.bytes)}))
+
+
+def worker(args) -> None:
+    kind = args.worker
+    k_x = args.k if kind != "no communication" else 10**9
+    strategy = DeslocStrategy(param_sync_every=k_x, overlap_steps=args.tau if kind == "overlapped" else 0,
+                              start_method="spawn", log_comm=False)
+    steps = args.warmup + args.steps
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_steps=steps, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        use_distributed_sampler=False,
+                        callbacks=[StepTimes((args.mbit * 1e6 / 8, args.latency_ms / 1e3), args.out)])
+    trainer.fit(Mlp(args.width, args.depth, steps, args.batch))
+
+
+# ----------------------------------------------------------------------------------------------- main
+KINDS = ("no communication", "blocking", "overlapped")
+
+
+def measure(args, kind: str) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "times.json")
+        cmd = [sys.executable, __file__, "--worker", kind, "--out", out] + [
+            f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
+            if k in ("mbit", "latency_ms", "k", "tau", "steps", "warmup", "width", "depth", "batch")]
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{kind} run failed:\n{proc.stderr[-3000:]}")
+        data = json.loads(Path(out).read_text())
+    gaps = [b - a for a, b in zip(data["times"], data["times"][1:])][args.warmup - 1:]
+    return {"mean_ms": 1e3 * statistics.fmean(gaps), "median_ms": 1e3 * statistics.median(gaps),
+            "timed_steps": len(gaps), "link_busy_s": data["link_busy_s"], "ledger_bytes": data["ledger_bytes"]}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--mbit", type=float, default=100.0, help="link bandwidth, Mbit/s")
+    p.add_argument("--latency-ms", type=float, default=25.0, help="one-way latency, ms")
+    p.add_argument("--k", type=int, default=32, help="K_x, optimizer steps")
+    p.add_argument("--tau", type=int, default=None, help="overlap_steps (default K_x - 1)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps (default 6 K_x: every round kind once)")
+    p.add_argument("--warmup", type=int, default=8)
+    p.add_argument("--width", type=int, default=512)
+    p.add_argument("--depth", type=int, default=4)
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--smoke", action="store_true")
+    p.add_argument("--json", default=None)
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--out", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.smoke:
+        args.k, args.width, args.depth, args.batch, args.warmup = 4, 32, 2, 8, 2
+        args.steps = args.steps or 24
+    args.tau = args.k - 1 if args.tau is None else args.tau
+    args.steps = args.steps or 6 * args.k
+    if args.worker:
+        return worker(args)
+
+    results = {kind: measure(args, kind) for kind in KINDS}
+    n_params = args.depth * (args.width * args.width + args.width)
+    compute = results["no communication"]["mean_ms"]
+    link = VirtualLink(args.mbit * 1e6 / 8, args.latency_ms / 1e3, world=2)
+    # a parameter round every K_x steps; the states ride on it, adding their bytes but no latency
+    state_bytes_s = link.cost(4 * n_params) - link.cost(0)
+    per_step_link_ms = 1e3 * (link.cost(4 * n_params) / args.k + state_bytes_s / (3 * args.k)
+                              + state_bytes_s / (6 * args.k))
+    limit = max(compute, per_step_link_ms)
+    rows = []
+    for kind in KINDS:
+        r = results[kind]
+        rows.append([kind, args.k if kind != "no communication" else "-", args.tau if kind == "overlapped" else "-",
+                     f"{r['mean_ms']:.1f}", f"{r['median_ms']:.1f}", f"{r['mean_ms'] / compute:.2f}x",
+                     f"{limit / compute:.2f}x" if kind != "no communication" else "-"])
+    print(f"2 ranks, MLP {args.depth} x {args.width} ({n_params:,} params, {4 * n_params / 1e6:.1f} MB fp32), "
+          f"batch {args.batch}; virtual link {args.mbit:g} Mbit/s, {args.latency_ms:g} ms one way "
+          f"(a parameter round: {1e3 * link.cost(4 * n_params):.0f} ms); {results['blocking']['timed_steps']} timed steps")
+    print(markdown_table(["run", "K_x", "tau", "mean ms/step", "median ms/step", "vs compute", "limit vs compute"], rows))
+    print(f"link time per step at K_x={args.k} (params every K_x, exp_avg every 3 K_x, exp_avg_sq every 6 K_x): "
+          f"{per_step_link_ms:.1f} ms; compute {compute:.1f} ms; limit max(compute, link) = {limit:.1f} ms")
+    print(f"ratio blocking / overlapped: {results['blocking']['mean_ms'] / results['overlapped']['mean_ms']:.2f}x")
+    if args.json:
+        write_json(args.json, {"args": vars(args), "results": results, "limit_ms": limit,
+                               "link_per_step_ms": per_step_link_ms})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,217 @@
+"""How a round's result reaches the tensors: at once (``overlap_steps=0``) or ``tau`` steps later.
+
+The core picks one of two executors at construction and calls the same three methods on every step,
+so the step never branches on the variant:
+
+* :class:`BlockingRounds` (``overlap_steps=0``, the default): the round due after step ``s`` is
+  all-reduced and copied back before step ``s + 1`` starts, as DES-LOC is defined.
+* :class:`OverlappedRounds` (``overlap_steps=tau >= 1``): the round due after step ``s`` starts
+  asynchronously on flat copies of what is due (the copies are the snapshot) and training goes on; the
+  result is applied right after step ``s + tau``. Every rank keeps the progress it made meanwhile::
+
+      x   <- mean_m(x_s) + (x_{s+tau} - x_s)                              parameters, floating buffers
+      k   <- d * mean_m(k_s) + (k_{s+tau} - d * k_s),   d = beta_k ** tau  each due optimizer state k
+
+  For an exponential moving average ``k_t = beta k_{t-1} + (1 - beta) f(g_t)`` (Adam's ``exp_avg``
+  with ``beta1`` and ``exp_avg_sq`` with ``beta2``, SGD's ``momentum_buffer`` with ``momentum``,
+  RMSprop's ``square_avg`` with ``alpha``), ``k_{s+tau} - d k_s`` is exactly what the rank's own
+  gradients added since step ``s``, so the rule equals "average at ``s``, then ``tau`` local steps".
+  It is today's rule at ``tau = 0`` (``d = 1``, ``k_{s+tau} = k_s``), and a second moment stays
+  non-negative: both terms are (the sum is clamped at 0 against rounding). A state whose decay is not
+  known (AMSGrad's ``max_exp_avg_sq``, Adagrad's ``sum``) takes ``d = 1``, clamped at 0 if it is a
+  second moment. The rules preserve the mean over ranks, so the consensus (what a checkpoint's main
+  file, consensus validation and the end of training hold) does not depend on whether a round is
+  still in flight.
+
+While a round is in flight each rank holds two flat copies of what it carries (the sent snapshot and
+the buffer the result arrives in): 2x the round's payload. On CUDA the all-reduce runs on the process
+group's own stream (``async_op=True``) and ``wait()`` only orders the current stream after it: no host
+synchronisation. On gloo it runs on gloo's threads.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from lightning_desloc.averaging import unflatten_into
+from lightning_desloc.schedule import SECOND_MOMENT_KEYS, SyncPlan
+
+#: the tensors a plan of optimizer ``index`` averages, by ledger category (the core's ``_due_tensors``)
+DueTensors = Callable[[int, SyncPlan], dict[str, list[Tensor]]]
+
+#: state key -> the hyper-parameter of its decay: (name in the param group, index into it or None)
+_DECAY_OF: dict[str, tuple[str, Optional[int]]] = {
+    "exp_avg": ("betas", 0),
+    "exp_avg_sq": ("betas", 1),
+    "momentum_buffer": ("momentum", None),
+    "square_avg": ("alpha", None),
+}
+
+
+def state_decay(optimizer: Optimizer, key: str) -> Optional[float]:
+    """The per-step decay ``beta`` of state ``key`` of ``optimizer`` (its first param group's), or ``None``
+    when the state is not known to be an exponential moving average."""
+    name, index = _DECAY_OF.get(key, ("", None))
+    group = optimizer.param_groups[0]
+    if name not in group:
+        return None
+    value = group[name] if index is None else group[name][index]
+    return float(value.item() if isinstance(value, Tensor) else value)
+
+
+@dataclass
+class PendingRound:
+    """A round in flight: started after step ``plan.step`` of optimizer ``index``, applied after ``apply_at``."""
+
+    index: int
+    plan: SyncPlan
+    apply_at: int
+    #: category -> per bucket: this rank's snapshot (flat) and the buffer the mean arrives in
+    buckets: dict[str, list[tuple[Tensor, Tensor]]] = field(default_factory=dict)
+    works: list[Any] = field(default_factory=list)
+
+    def wait(self) -> None:
+        for work in self.works:
+            work.wait()
+        self.works = []
+
+
+class BlockingRounds:
+    """``overlap_steps=0``: a round is applied as soon as it is issued."""
+
+    overlap_steps = 0
+
+    #: whether a round's result is in the tensors when :meth:`average` returns
+    applies_now = True
+
+    def average(self, comm: Any, tensors: Mapping[str, Sequence[Tensor]], *, index: int, plan: SyncPlan,
+                bucket_cap_bytes: int, on_control: Callable[[Tensor], None], compression: Any = None) -> None:
+        comm.average_(tensors, bucket_cap_bytes=bucket_cap_bytes, compression=compression)
+        if tensors.get("control"):
+            on_control(tensors["control"][0])
+
+    def apply_due(self, index: int, step: int, optimizer: Optimizer, due_tensors: DueTensors,
+                  on_control: Callable[[Tensor], None], everything: bool = False) -> bool:
+        """Apply the rounds of optimizer ``index`` due after its step ``step`` (all of them with
+        ``everything``); whether one was applied."""
+        return False
+
+    def finish(self) -> None:
+        """Nothing is ever in flight."""
+
+    @property
+    def in_flight(self) -> int:
+        return 0
+
+    def state_dict(self) -> Optional[list[dict[str, Any]]]:
+        return None
+
+    def load_state_dict(self, state: Any, device: Optional[torch.device] = None) -> None:
+        """Nothing to restore."""
+
+
+class OverlappedRounds(BlockingRounds):
+    """``overlap_steps=tau``: a round is applied ``tau`` optimizer steps after the step that made it due,
+    by the rules in the module docstring."""
+
+    def __init__(self, overlap_steps: int) -> None:
+        self.overlap_steps = overlap_steps
+        self.pending: list[PendingRound] = []
+
+    applies_now = False
+
+    def average(self, comm: Any, tensors: Mapping[str, Sequence[Tensor]], *, index: int, plan: SyncPlan,
+                bucket_cap_bytes: int, on_control: Callable[[Tensor], None], compression: Any = None) -> None:
+        tensors = {cat: list(ts) for cat, ts in tensors.items() if ts}
+        if not tensors:
+            return
+        if not comm.distributed:  # one process: every mean is this rank's own value, nothing changes
+            if tensors.get("control"):
+                on_control(tensors["control"][0])
+            return
+        pending = PendingRound(index, plan, plan.step + self.overlap_steps)
+        pending.buckets, pending.works = comm.start_average(tensors, bucket_cap_bytes=bucket_cap_bytes)
+        self.pending.append(pending)
+
+    def apply_due(self, index: int, step: int, optimizer: Optimizer, due_tensors: DueTensors,
+                  on_control: Callable[[Tensor], None], everything: bool = False) -> bool:
+        due = [p for p in self.pending if p.index == index and (everything or p.apply_at <= step)]
+        for pending in due:
+            pending.wait()
+            _apply(pending, optimizer, due_tensors(index, pending.plan), self.overlap_steps, on_control)
+            self.pending.remove(pending)
+        return bool(due)
+
+    def finish(self) -> None:
+        """Wait until every round in flight has arrived (they are still applied at their step)."""
+        for pending in self.pending:
+            pending.wait()
+
+    @property
+    def in_flight(self) -> int:
+        return len(self.pending)
+
+    def state_dict(self) -> Optional[list[dict[str, Any]]]:
+        """The rounds in flight (arrived: :meth:`finish` first): this rank's snapshots and the means."""
+        self.finish()
+        return [{"index": p.index, "plan": [p.plan.step, p.plan.params, list(p.plan.states), p.plan.reset_states],
+                 "apply_at": p.apply_at,
+                 "buckets": {cat: [[mine, mean] for mine, mean in b] for cat, b in p.buckets.items()}}
+                for p in self.pending]
+
+    def load_state_dict(self, state: Any, device: Optional[torch.device] = None) -> None:
+        """Restore the rounds in flight of a same-size resume (``None``: none, e.g. the consensus path)."""
+        self.pending = []
+        for entry in state or []:
+            step, params, states, reset = entry["plan"]
+            plan = SyncPlan(int(step), bool(params), tuple(states), bool(reset))
+            buckets = {cat: [(mine.to(device) if device is not None else mine,
+                              mean.to(device) if device is not None else mean) for mine, mean in b]
+                       for cat, b in entry["buckets"].items()}
+            self.pending.append(PendingRound(int(entry["index"]), plan, int(entry["apply_at"]), buckets))
+
+
+def _apply(pending: PendingRound, optimizer: Optimizer, tensors: Mapping[str, Sequence[Tensor]], tau: int,
+           on_control: Callable[[Tensor], None]) -> None:
+    """The rules of the module docstring, bucket by bucket, on the live ``tensors`` of the round's plan."""
+    with torch.no_grad():
+        for cat, buckets in pending.buckets.items():
+            if cat == "control":
+                on_control(buckets[0][1])
+                continue
+            key = cat[len("state/"):] if cat.startswith("state/") else None
+            beta = state_decay(optimizer, key) if key is not None else None
+            decay = 1.0 if beta is None else beta ** tau
+            for live, (mine, mean) in zip(_match(tensors[cat], buckets), buckets):
+                now = torch.cat([t.detach().reshape(-1) for t in live])
+                new = now.add_(mean.to(now.dtype), alpha=decay).sub_(mine.to(now.dtype), alpha=decay)
+                if key in SECOND_MOMENT_KEYS:
+                    new.clamp_(min=0)
+                unflatten_into(new, live)
+
+
+def _match(tensors: Sequence[Tensor], buckets: Sequence[tuple[Tensor, Tensor]]) -> list[list[Tensor]]:
+    """Split ``tensors`` (grouped by dtype and device, in order) into the buckets of the flats' sizes."""
+    by_kind: dict[tuple[torch.dtype, torch.device], list[Tensor]] = defaultdict(list)
+    for t in tensors:
+        by_kind[(t.dtype, t.device)].append(t)
+    ordered = [t for same in by_kind.values() for t in same]
+    out, i = [], 0
+    for mine, _ in buckets:
+        bucket, n = [], 0
+        while n < mine.numel():
+            bucket.append(ordered[i])
+            n += ordered[i].numel()
+            i += 1
+        out.append(bucket)
+    return out
+
+
+__all__ = ["BlockingRounds", "OverlappedRounds", "PendingRound", "state_decay"]
