@@ -137,3 +137,20 @@ def write_json(path: str | Path, obj: Any) -> None:
 
 def fmt_int(n: float) -> str:
     return f"{int(n):,}"
+
+
+class Batches(torch.utils.data.Dataset):
+    """``length`` ready-made ``(x, y)`` batches of ``batch x width`` cycling over a small pool (no per-sample
+    collation: use ``DataLoader(..., batch_size=None)``)."""
+
+    def __init__(self, length: int, batch: int, width: int, pool: int = 8):
+        g = torch.Generator().manual_seed(0)
+        self.x = torch.randn(pool, batch, width, generator=g)
+        self.y = torch.randn(pool, batch, width, generator=g)
+        self.length = length
+
+    def __len__(self):
+        return self.length
+
+    def __getitem__(self, i):
+        return self.x[i % len(self.x)], self.y[i % len(self.y)]

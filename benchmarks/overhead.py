@@ -36,32 +36,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
-from torch.utils.data import DataLoader, Dataset  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
 
 import lightning_desloc  # noqa: E402
-from common import markdown_table, write_json  # noqa: E402
+from common import Batches, markdown_table, write_json  # noqa: E402
 
 KINDS = ("plain x1", "plain x2", "DES-LOC")
 
 
 # ----------------------------------------------------------------------------------------------- worker
 # Module-level classes: the DES-LOC run starts its ranks with ``spawn``, which pickles the module.
-class Batches(Dataset):
-    """``length`` ready-made batches cycling over a small pool (no per-sample collation)."""
-
-    def __init__(self, length: int, batch: int, width: int, pool: int = 8):
-        g = torch.Generator().manual_seed(0)
-        self.x = torch.randn(pool, batch, width, generator=g)
-        self.y = torch.randn(pool, batch, width, generator=g)
-        self.length = length
-
-    def __len__(self):
-        return self.length
-
-    def __getitem__(self, i):
-        return self.x[i % len(self.x)], self.y[i % len(self.y)]
-
-
 class StepTimer(L.Callback):
     def __init__(self, out: str, warmup: int):
         self.out = out

@@ -49,9 +49,9 @@ import lightning as L  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from lightning.pytorch.callbacks import Callback  # noqa: E402
-from torch.utils.data import DataLoader, Dataset  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
 
-from common import markdown_table, write_json  # noqa: E402
+from common import Batches, markdown_table, write_json  # noqa: E402
 from lightning_desloc import DeslocStrategy  # noqa: E402
 
 
@@ -108,21 +108,6 @@ def put_on_link(link: VirtualLink) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- a run
-class Batches(Dataset):
-    """``length`` ready-made batches cycling over a small pool (no per-sample collation)."""
-
-    def __init__(self, length: int, batch: int, width: int, pool: int = 8):
-        g = torch.Generator().manual_seed(0)
-        self.x, self.y = torch.randn(pool, batch, width, generator=g), torch.randn(pool, batch, width, generator=g)
-        self.length = length
-
-    def __len__(self):
-        return self.length
-
-    def __getitem__(self, i):
-        return self.x[i % len(self.x)], self.y[i % len(self.y)]
-
-
 class Mlp(L.LightningModule):
     def __init__(self, width: int, depth: int, steps: int, batch: int):
         super().__init__()

@@ -157,6 +157,19 @@ def test_an_option_is_called_at_the_fixed_points_of_the_step():
     assert core.ledger.rounds_by_category["params"] == 3
 
 
+def _save_and_rebuild(core, net, opt, config, comm):
+    """Save the core, the model and the optimizer, then build all three afresh from the save."""
+    saved = copy.deepcopy({"core": core.state_dict(), "model": net.state_dict(), "opt": opt.state_dict()})
+    with _init:
+        net, opt = make_worker(ADAM)
+    net.load_state_dict(saved["model"])
+    opt.load_state_dict(saved["opt"])
+    core = DeslocSync(config, comm=comm)
+    core.attach([opt])
+    core.load_state_dict(saved["core"])
+    return core, net, opt
+
+
 def _resumable(rank, world, comm, stop_at, state):
     """Train 10 steps with the outer step, int8 parameters and the drift trigger; at ``stop_at`` save the
     core, the model and the optimizer, then rebuild everything from the save and go on."""
@@ -169,15 +182,7 @@ def _resumable(rank, world, comm, stop_at, state):
     core.attach([opt])
     for call in range(10):
         if call == stop_at:
-            saved = {"core": core.state_dict(), "model": net.state_dict(), "opt": opt.state_dict()}
-            saved = copy.deepcopy(saved)
-            with _init:
-                net, opt = make_worker(ADAM)
-            net.load_state_dict(saved["model"])
-            opt.load_state_dict(saved["opt"])
-            core = DeslocSync(config, comm=comm)
-            core.attach([opt])
-            core.load_state_dict(saved["core"])
+            core, net, opt = _save_and_rebuild(core, net, opt, config, comm)
         local_step(core, net, opt, rank, call)
     return [p.detach().clone() for p in net.parameters()], core.state_dict()
 
@@ -303,14 +308,7 @@ def _resumable_overlapped(rank, world, comm, stop_at):
     for call in range(12):
         if call == stop_at:
             in_flight_at_save = core.rounds.in_flight
-            saved = copy.deepcopy({"core": core.state_dict(), "model": net.state_dict(), "opt": opt.state_dict()})
-            with _init:
-                net, opt = make_worker(ADAM)
-            net.load_state_dict(saved["model"])
-            opt.load_state_dict(saved["opt"])
-            core = DeslocSync(config, comm=comm)
-            core.attach([opt])
-            core.load_state_dict(saved["core"])
+            core, net, opt = _save_and_rebuild(core, net, opt, config, comm)
         local_step(core, net, opt, rank, call)
     return [p.detach().clone() for p in net.parameters()], in_flight_at_save
 
