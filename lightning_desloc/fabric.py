@@ -26,8 +26,9 @@ What it does differently from Fabric's ``DDPStrategy``:
   gradients; ``fabric.no_backward_sync`` is accepted and does nothing (there is nothing to skip);
 * ``setup_module`` broadcasts rank 0's parameters and buffers (ledger category ``setup``);
 * every optimizer set up through Fabric is scheduled; ``optimizer.step()`` (Fabric calls
-  :meth:`optimizer_step`) counts a completed step unless the step was skipped (an AMP grad scaler
-  that found inf/NaN gradients), then runs the round that is due;
+  :meth:`optimizer_step`) counts a step, also one whose update this rank's AMP grad scaler skipped
+  (the ranks' scalers decide on their own gradients; the schedule must not), then runs the round
+  that is due;
 * ``fabric.all_reduce`` / ``all_gather`` are metered as ``metrics``, ``barrier`` and ``broadcast``
   as ``control`` (the broadcast pickles once and sends ``8 + len(payload)`` bytes).
 
@@ -168,6 +169,7 @@ class DeslocFabricStrategy(MeteredCollectives, DDPStrategy):
         close_process_group_at_exit()
         if not any(m is module for m in self._desloc_modules):
             self._desloc_modules.append(module)
+        self.core.note_frozen(module.parameters())
         self.core.params_in_sync = True
         return module
 
@@ -192,7 +194,7 @@ class DeslocFabricStrategy(MeteredCollectives, DDPStrategy):
             )
         self.core.begin_step(optimizer)
         output = super().optimizer_step(optimizer, **kwargs)
-        self.core.after_step(index, optimizer)  # counts the step unless it was skipped; runs what is due
+        self.core.after_step(index, optimizer)  # counts the step (a scaler's skip too); runs what is due
         return output
 
     def sync(self, optimizer: Optimizer, plan: SyncPlan, with_buffers: bool = True) -> None:

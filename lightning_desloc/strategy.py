@@ -49,6 +49,21 @@ DESLOC_ARGUMENTS = (
 )
 
 
+def _stash(t: Tensor) -> Tensor:
+    """A copy of ``t`` kept off the accelerator while consensus validation runs: pinned host memory for a
+    GPU tensor (the device keeps no extra 1P), a plain clone on the CPU."""
+    if t.device.type == "cpu":
+        return t.detach().clone()
+    host = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=True)
+    host.copy_(t.detach())  # blocking: a checkpoint saved during validation reads it from the host
+    return host
+
+
+def _storage_key(t: Tensor) -> tuple[int, int, torch.dtype, tuple[int, ...]]:
+    """Which live tensor ``t`` is: a state dict's detached alias has the same data pointer and shape."""
+    return (t.data_ptr(), t.numel(), t.dtype, tuple(t.shape))
+
+
 class _LedgerReturningLauncher(_MultiProcessingLauncher):
     """Spawn/fork launcher that also brings rank 0's ledger and step counters back to the main process."""
 
@@ -77,7 +92,8 @@ class DeslocStrategy(MeteredCollectives, DDPStrategy):
     """DES-LOC: local optimizer steps, parameters and each optimizer state averaged on its own period.
 
     No gradient is ever all-reduced. Counting completed optimizer steps ``s = 1, 2, ...`` (gradient
-    accumulation counts once; a step skipped by an AMP scaler does not count), right after local step
+    accumulation counts once; so does a step whose update this rank's AMP scaler skipped, as in
+    ``global_step``: every rank stays on the same step of the schedule), right after local step
     ``s`` the parameters are averaged when ``s % param_sync_every == 0`` and optimizer state ``k`` when
     ``s % state_sync_every[k] == 0``, all in one coalesced all-reduce round. Scalar state (``step``)
     stays local. Rank 0's parameters and buffers are broadcast at setup.
@@ -192,6 +208,7 @@ class DeslocStrategy(MeteredCollectives, DDPStrategy):
         # No DDP wrapper, so no gradient hooks; start every rank from rank 0's weights instead.
         self.core.comm.broadcast_(self._module_tensors(), src=0, category="setup",
                                   bucket_cap_bytes=self.core.bucket_cap_bytes)
+        self.core.note_frozen(self.model.parameters())
         self.core.params_in_sync = True
         fitting = trainer.state.fn == TrainerFn.FITTING
         if fitting:
@@ -229,7 +246,7 @@ class DeslocStrategy(MeteredCollectives, DDPStrategy):
         self.core.begin_step(optimizer)
         closure = self.core.wrap_closure(closure, optimizer)
         output = super().optimizer_step(optimizer, closure, model, **kwargs)
-        self.core.after_step(index, optimizer)  # counts the step unless it was skipped; runs what is due
+        self.core.after_step(index, optimizer)  # counts the step (a scaler's skip too); runs what is due
         return output
 
     def sync(self, optimizer: Optimizer, plan: SyncPlan, with_buffers: bool = True) -> None:
@@ -258,7 +275,7 @@ class DeslocStrategy(MeteredCollectives, DDPStrategy):
             return
         if self.core.params_in_sync:
             return
-        self._stashed_local = [t.detach().clone() for t in self._consensus_tensors()]
+        self._stashed_local = [_stash(t) for t in self._consensus_tensors()]
         self.average_parameters(category="eval")
         self.core.params_in_sync = False  # the local parameters come back after validation
 
@@ -271,8 +288,10 @@ class DeslocStrategy(MeteredCollectives, DDPStrategy):
         super().on_validation_end()
 
     def _consensus_tensors(self) -> list[Tensor]:
+        """What consensus validation replaces by the mean: the parameters (not those frozen since setup,
+        which are equal on every rank and not averaged) and the floating buffers."""
         assert self.model is not None
-        return [*self.model.parameters(), *self._float_buffers()]
+        return [*(p for p in self.model.parameters() if not self.core.is_frozen(p)), *self._float_buffers()]
 
     def on_train_end(self) -> None:
         # Leave every rank with the consensus, so the model the user saves or evaluates is the average.
@@ -330,9 +349,11 @@ class DeslocStrategy(MeteredCollectives, DDPStrategy):
         stashed; a shard must hold the rank's own values."""
         if self._stashed_local is None or self.model is None:
             return state_dict
-        names = [n for n, _ in self.model.named_parameters()] + [
-            n for n, b in self.model.named_buffers() if b.is_floating_point()]
-        return {**state_dict, **{n: t for n, t in zip(names, self._stashed_local) if n in state_dict}}
+        # by tensor identity, not by name: a tied weight (an LM head sharing the embedding) has two names
+        # in the state dict and one in named_parameters(); both names must get the rank's own values
+        own = {_storage_key(t): local for t, local in zip(self._consensus_tensors(), self._stashed_local)}
+        return {name: own.get(_storage_key(value), value) if isinstance(value, Tensor) else value
+                for name, value in state_dict.items()}
 
     def load_checkpoint(self, checkpoint_path: _PATH, weights_only: Optional[bool] = None) -> dict[str, Any]:
         # when fitting, also restores the step counters, the ledger, the options' state and (local path)

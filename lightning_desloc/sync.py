@@ -6,9 +6,12 @@
 the buffers to average, a logging callable), is given the optimizers, and is told when one of them
 stepped. :meth:`DeslocSync.after_step` then runs, top to bottom:
 
-1. count the completed step ``s`` (a call of ``optimizer.step`` that did not happen, e.g. skipped by
-   an AMP grad scaler, is not a step: the core counts calls through ``register_step_post_hook``) and
-   add DDP's bytes for it (the optimizer's trainable parameter bytes) to the ledger;
+1. count step ``s``: every optimizer step the adapter attempted counts, also one whose update an AMP
+   grad scaler skipped on this rank (found through ``register_step_post_hook`` and counted in
+   :attr:`DeslocSync.skipped_steps`), because a scaler skips on each rank's own gradients and the
+   schedule must stay identical on every rank without a collective per step (it is also what
+   Lightning's ``global_step`` counts); add DDP's bytes for it (the optimizer's trainable parameter
+   bytes) to the ledger;
 2. ask each level's :class:`~lightning_desloc.schedule.SyncSchedule` what is due (the parameters when
    ``s % K_x == 0``, state ``k`` when ``s % K_k == 0``);
 3. let the options adjust the outermost plan (:mod:`lightning_desloc.options`: the drift trigger,
@@ -95,6 +98,21 @@ def gradient_bytes(optimizer: Optimizer) -> int:
     return sum(p.numel() * p.element_size() for p in optimizer_params(optimizer) if p.requires_grad)
 
 
+class _GradientBytes:
+    """:func:`gradient_bytes` computed once per optimizer rather than walked every step; recomputed when
+    the number of parameter groups changes (fine-tuning callbacks add a group when they unfreeze)."""
+
+    def __init__(self) -> None:
+        self._cached: dict[int, tuple[int, int]] = {}  # id(optimizer) -> (number of groups, bytes)
+
+    def __call__(self, optimizer: Optimizer) -> int:
+        groups = len(optimizer.param_groups)
+        cached = self._cached.get(id(optimizer))
+        if cached is None or cached[0] != groups:
+            cached = self._cached[id(optimizer)] = (groups, gradient_bytes(optimizer))
+        return cached[1]
+
+
 def float_buffers(modules: Iterable[Module]) -> list[Tensor]:
     """Floating buffers of ``modules`` (running statistics), each once; integer buffers are not averaged."""
     return _unique(b for module in modules for b in module.buffers() if b.is_floating_point())
@@ -176,7 +194,8 @@ class DeslocSync:
         levels: the levels of averaging, innermost first; the last is the world (or across groups).
         options: the mechanisms the config turned on, in call order.
         snapshot: the consensus parameters at the last average (kept when an option reads it).
-        optimizer_steps: completed steps per attached optimizer, in attach order.
+        optimizer_steps: steps per attached optimizer, in attach order (see :meth:`after_step`).
+        skipped_steps: of those, the steps whose update this rank's AMP grad scaler skipped.
         params_in_sync: whether every rank holds the same parameters right now (after setup's
             broadcast or a parameter average, until the next local step).
     """
@@ -213,7 +232,13 @@ class DeslocSync:
         self._needs_snapshot = any(o.needs_snapshot for o in self.options)
         self.optimizers: list[Optimizer] = []
         self.optimizer_steps: list[int] = []
+        self.skipped_steps: list[int] = []
         self.params_in_sync = True
+        #: per optimizer, the state keys equal on every rank right now (averaged by the last step's round)
+        self._states_in_sync: list[set[str]] = []
+        #: ids of the parameters frozen since setup: equal on every rank after the broadcast, never sent
+        self._frozen_ids: set[int] = set()
+        self._gradient_bytes = _GradientBytes()
         self._step_calls: list[int] = []
         self._calls_before: list[int] = []
         self._hooks: list[Any] = []
@@ -288,13 +313,37 @@ class DeslocSync:
         self.optimizers = list(optimizers)
         n = len(self.optimizers)
         self._step_calls, self._calls_before, self._state_keys = [0] * n, [0] * n, [None] * n
+        self._states_in_sync = [set() for _ in range(n)]
         if len(self.optimizer_steps) != n:
             self.optimizer_steps = [0] * n
+        if len(self.skipped_steps) != n:
+            self.skipped_steps = [0] * n
         self._hooks = [opt.register_step_post_hook(self._make_step_hook(i)) for i, opt in enumerate(self.optimizers)]
         for option in self.options:
             option.attach(self, self.optimizers)
         if self._needs_snapshot:
             self.snapshot.take(optimizer_params(self.optimizers[0]))
+
+    def note_frozen(self, params: Iterable[Tensor]) -> None:
+        """Call right after setup's broadcast, when every rank holds rank 0's values: the parameters that do
+        not require gradients now are equal on every rank and stay so while they remain frozen, so no
+        round sends them (a frozen backbone costs nothing). One that is unfrozen later is averaged again
+        from then on; one frozen later was never noted (it may differ between ranks) and is still averaged."""
+        self._frozen_ids |= {id(p) for p in params if not p.requires_grad}  # Fabric: once per module
+
+    def is_frozen(self, p: Tensor) -> bool:
+        """Whether ``p`` has been frozen since setup (see :meth:`note_frozen`), so equal on every rank."""
+        if id(p) not in self._frozen_ids:
+            return False
+        if p.requires_grad:  # unfrozen: from now on it trains locally
+            self._frozen_ids.discard(id(p))
+            return False
+        return True
+
+    def states_in_sync(self, index: int) -> frozenset[str]:
+        """State keys of optimizer ``index`` equal on every rank right now: those the outermost round after
+        the last step averaged (and applied at once). A checkpoint need not send them."""
+        return frozenset(self._states_in_sync[index]) if index < len(self._states_in_sync) else frozenset()
 
     def detach(self) -> None:
         """Remove the step hooks from the optimizers (at teardown)."""
@@ -379,21 +428,25 @@ class DeslocSync:
         """Call right after the step attempt begun by :meth:`begin_step`: everything that happens after
         optimizer step ``s``, in order.
 
-        Returns ``None`` when the step did not happen (not counted) or the outermost level averaged
-        nothing, else the plan of the outermost round (each level's plan is in ``level.last_plan``). On
-        the first step the optimizer's averaged state keys are checked against every level's schedule
+        Every attempt counts as step ``s``, also one whose update this rank's AMP grad scaler skipped
+        (counted in :attr:`skipped_steps`): the ranks' scalers decide on their own gradients, and counting
+        only the updates that happened would put the ranks on different steps of the schedule, so that
+        they enter different collectives. Returns ``None`` when the outermost level averaged nothing,
+        else the plan of the outermost round (each level's plan is in ``level.last_plan``). Once the
+        optimizer has state, its averaged state keys are checked against every level's schedule
         (``ValueError`` naming the keys without a period).
         """
-        # 1. count the step: a step an AMP scaler skipped did not happen
+        # 1. count the step, whether or not this rank's scaler let the update happen
         if self._step_calls[index] == self._calls_before[index]:
-            return None
+            self.skipped_steps[index] += 1
         self._calls_before[index] = self._step_calls[index]
         self._read_signals()
         self.optimizer_steps[index] += 1
         step = self.optimizer_steps[index]
-        self.ledger.add_ddp_equivalent(gradient_bytes(optimizer))
+        self.ledger.add_ddp_equivalent(self._gradient_bytes(optimizer))
         keys = self._keys_of(index, optimizer)
         self.params_in_sync = False
+        self._states_in_sync[index] = set()
         # a round started overlap_steps ago lands now (never with overlap_steps=0)
         self.rounds.apply_due(index, step, optimizer, self._due_tensors_of, self._signals_arrived)
         # 2. what each level's schedule has due
@@ -455,6 +508,9 @@ class DeslocSync:
         metrics: Metrics = dict(extra or {})
         for option in self.options:
             metrics.update(option.after_round(rnd) or {})
+        index = self.index_of(rnd.optimizer)
+        if self.rounds.applies_now and index is not None:
+            self._states_in_sync[index] |= set(rnd.plan.states)
         if rnd.plan.params:
             if self._needs_snapshot and not rnd.snapshot_taken:
                 self.snapshot.take(optimizer_params(rnd.optimizer))
@@ -480,7 +536,9 @@ class DeslocSync:
         params = optimizer_params(optimizer)
         due: dict[str, list[Tensor]] = {}
         if plan.params:
-            due["params"] = params
+            # int8 parameters travel as the change since the snapshot of every parameter: keep them all
+            delta_coded = self._wire is not None and self._wire.needs_snapshot
+            due["params"] = params if delta_coded else [p for p in params if not self.is_frozen(p)]
             buffers = list(self.buffers()) if with_buffers and self.buffers is not None else []
             if buffers:
                 due["buffers"] = buffers
@@ -499,7 +557,7 @@ class DeslocSync:
         (buffers to ``"buffers"`` when ``category`` is ``"params"``)."""
         self.finish_rounds()  # a round in flight has arrived before the consensus round goes out
         modules = [modules] if isinstance(modules, Module) else list(modules)
-        tensors: dict[str, list[Tensor]] = {category: unique_parameters(modules)}
+        tensors: dict[str, list[Tensor]] = {category: [p for p in unique_parameters(modules) if not self.is_frozen(p)]}
         buffers = float_buffers(modules)
         if buffers:
             tensors.setdefault("buffers" if category == "params" else category, []).extend(buffers)
@@ -554,6 +612,7 @@ class DeslocSync:
         }
         local = {
             "optimizer_steps": list(self.optimizer_steps),
+            "skipped_steps": list(self.skipped_steps),
             "ledgers": {level.name: level.ledger.state_dict() for level in self.levels},
             "options": {o.name: o.state_dict() for o in self.options if not o.shared},
             "in_flight": self.rounds.state_dict(),
@@ -567,6 +626,9 @@ class DeslocSync:
         ``device``: where tensor state goes (the parameters' device; ``None``: where it was saved)."""
         shared, local = state["shared"], state.get("local")
         self.set_steps((local or shared)["optimizer_steps"])
+        skipped = [int(k) for k in (local or {}).get("skipped_steps", [])][: len(self.optimizers)]
+        self.skipped_steps = skipped + [0] * (len(self.optimizers) - len(skipped))
+        self._states_in_sync = [set() for _ in self.optimizers]  # what a resume restored may differ by rank
         if local is not None:
             for level in self.levels:
                 if level.name in local["ledgers"]:

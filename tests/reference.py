@@ -7,9 +7,9 @@ Everything is float64. The model is a two-layer tanh MLP written with explicit w
 Gradients come from ``torch.autograd.grad`` on that function, on the same per-rank batches
 (:func:`make_batch`) that the Lightning runs in ``test_equivalence.py`` train on.
 
-One optimizer step ``s`` of worker ``m`` (``s = 1, 2, ...`` counts completed steps; a step skipped
-because its gradient is not finite, as an AMP grad scaler does, leaves everything untouched and is
-not counted)::
+One optimizer step ``s`` of worker ``m`` (``s = 1, 2, ...`` counts optimizer-step calls, equal on every
+worker; a worker whose gradient is not finite skips its update, as an AMP grad scaler does: its
+parameters, states and Adam counter ``t`` stay untouched, and the step still counts)::
 
     g      = sum_j grad(loss(batch_j) / A)                       A micro-batches (gradient accumulation)
     g     *= min(1, rho / (||g||_2 + 1e-6))                      optional clipping by the global norm
@@ -18,7 +18,7 @@ not counted)::
     xbar   = mean_m x        if s % K_x == 0                     parameters, over the workers
     kbar   = mean_m state_k  if s % K_k == 0                     each state key k on its own period
 
-The step counter ``t`` of Adam is never averaged (it is equal on every worker anyway).
+The step counter ``t`` of Adam is never averaged (it differs between workers only by their skips).
 All workers start from the same parameters (the Lightning run broadcasts rank 0's).
 """
 
@@ -85,7 +85,8 @@ class Config:
 
     ``lr_schedule``: ``None`` (constant), ``("lambda",)`` for ``lr * warmup_then_decay(s - 1)``, or
     ``("step", size, gamma)`` for ``lr * gamma ** ((s - 1) // size)`` (torch's StepLR stepped once per
-    optimizer step). ``skip_calls``: 0-based optimizer-step calls whose gradient is made infinite.
+    optimizer step). ``skip_calls``: 0-based optimizer-step calls whose gradient is made infinite, on the workers in
+    ``skip_ranks`` (``None``: on every worker).
     """
 
     optimizer: str  # "adam" | "adamw" | "sgd"
@@ -102,7 +103,12 @@ class Config:
     clip_norm: Optional[float] = None
     lr_schedule: Optional[tuple] = None
     skip_calls: frozenset = field(default_factory=frozenset)
+    skip_ranks: Optional[frozenset] = None
     seed: int = 0
+
+    def skips(self, call: int, rank: int) -> bool:
+        """Whether worker ``rank``'s gradient of optimizer-step call ``call`` is made infinite."""
+        return call in self.skip_calls and (self.skip_ranks is None or rank in self.skip_ranks)
 
     def state_keys(self) -> tuple[str, ...]:
         return ("momentum_buffer",) if self.optimizer == "sgd" else ("exp_avg", "exp_avg_sq")
@@ -141,7 +147,7 @@ def gradient(cfg: Config, params: list[Tensor], rank: int, call: int) -> list[Te
     for j in range(cfg.accumulate):
         x, y = make_batch(rank, call * cfg.accumulate + j, cfg.seed)
         loss = loss_fn(leaves, x, y)
-        if call in cfg.skip_calls:
+        if cfg.skips(call, rank):
             loss = loss * math.inf
         for acc, g in zip(total, torch.autograd.grad(loss / cfg.accumulate, leaves)):
             acc += g
@@ -213,15 +219,15 @@ def _average(tensor_lists: list[list[Tensor]]) -> list[Tensor]:
 
 # ----------------------------------------------------------------------------- the M-worker run
 
-def local_step(cfg: Config, team: list[Worker], call: int, step: int) -> bool:
+def local_step(cfg: Config, team: list[Worker], call: int, step: int) -> None:
     """Every worker's local optimizer step ``step`` on its gradient for batch ``call`` (clipped first
-    when ``cfg.clip_norm`` is set). A non-finite gradient on any worker skips the step everywhere, as an
-    AMP grad scaler does: nothing changes and False is returned."""
+    when ``cfg.clip_norm`` is set). A worker whose gradient is not finite skips its update, as its AMP
+    grad scaler does; the others step."""
     grads = [gradient(cfg, w.params, m, call) for m, w in enumerate(team)]
-    if any(not torch.isfinite(g).all() for gs in grads for g in gs):
-        return False
     lr = cfg.lr_at(step)
     for w, gs in zip(team, grads):
+        if any(not torch.isfinite(g).all() for g in gs):
+            continue
         if cfg.clip_norm is not None:
             clip_(gs, cfg.clip_norm)
         (sgd_update if cfg.optimizer == "sgd" else adam_update)(cfg, w, gs, lr)
@@ -341,15 +347,13 @@ def simulate_overlapped(cfg: Config, n_calls: int, overlap_steps: int, workers: 
 
 def _run(cfg: Config, n_calls: int, workers: int, init: Optional[list[Tensor]], average_due) -> list[list[dict]]:
     """The simulators' common loop: a local step on every worker, then ``average_due(team, s)`` after
-    completed step ``s``; a skipped step (non-finite gradient) changes nothing and is not counted."""
+    step ``s`` (a worker's skipped update still counts as the step)."""
     init = start_params(0, cfg.seed) if init is None else init
     team = [Worker(params=[p.clone() for p in init]) for _ in range(workers)]
     history = [[w.snapshot() for w in team]]
-    s = 0  # completed optimizer steps (equal on every worker)
-    for call in range(n_calls):
-        if local_step(cfg, team, call, s + 1):
-            s += 1
-            average_due(team, s)
+    for s in range(1, n_calls + 1):  # optimizer steps, equal on every worker
+        local_step(cfg, team, s - 1, s)
+        average_due(team, s)
         history.append([w.snapshot() for w in team])
     return history
 
@@ -360,7 +364,8 @@ def consensus(snapshots: list[dict]) -> list[Tensor]:
 
 
 def optimizer_steps(cfg: Config, n_calls: int) -> int:
-    return n_calls - sum(1 for c in cfg.skip_calls if c < n_calls)
+    """Steps counted after ``n_calls`` optimizer-step calls: every call counts, skipped updates too."""
+    return n_calls
 
 
 #: float64 runs of the strategy and of this simulation agree to rounding

@@ -59,7 +59,7 @@ def local_step(core, net, opt, rank: int, call: int, seed: int = 0, skip: bool =
 
 def train(rank: int, world: int, comm, cfg: ref.Config, n_calls: int, config: DeslocConfig, group_first=False):
     """One thread-rank: the reference's batches, the core after every step; a snapshot after each call.
-    A call in ``cfg.skip_calls`` is not stepped (what a GradScaler does with inf gradients)."""
+    A call ``cfg.skips`` for this rank is not stepped (what a GradScaler does with inf gradients)."""
     with _init:
         net, opt = make_worker(cfg)
     core = DeslocSync(config, comm=comm)
@@ -69,7 +69,7 @@ def train(rank: int, world: int, comm, cfg: ref.Config, n_calls: int, config: De
     history = [snapshot(net, opt, cfg.state_keys())]
     plans = []
     for call in range(n_calls):
-        plans.append(local_step(core, net, opt, rank, call, cfg.seed, skip=call in cfg.skip_calls))
+        plans.append(local_step(core, net, opt, rank, call, cfg.seed, skip=cfg.skips(call, rank)))
         history.append(snapshot(net, opt, cfg.state_keys()))
     return {"history": history, "plans": plans, "core": core}
 
@@ -86,15 +86,31 @@ def test_three_ranks_match_the_reference_after_every_step():
     for call in range(n_calls + 1):
         for rank in range(3):
             ref.assert_snapshot_matches(out[rank]["history"][call], want[call][rank], f"call {call}, rank {rank}")
-    # the ledger by hand: float64, 12 completed steps (call 3 skipped): params after 2, 4, ..., 12;
-    # exp_avg after 4, 8, 12; exp_avg_sq after 6, 12; one round per step with anything due
+    # the ledger by hand: float64, 13 steps (call 3's update skipped on every rank, still step 4): params
+    # after 2, 4, ..., 12; exp_avg after 4, 8, 12; exp_avg_sq after 6, 12; one round per step with anything due
     n = ref.N_PARAMS * 8
     ledger = out[0]["core"].ledger
     # and each round carries the core's signals: one float32
     assert dict(ledger.bytes) == {"params": 6 * n, "state/exp_avg": 3 * n, "state/exp_avg_sq": 2 * n, "control": 6 * 4}
-    assert ledger.rounds == 6 and ledger.ddp_equivalent_bytes == 12 * n
-    # what after_step returned: the plan of the round, None for a skipped or a local step
-    assert out[0]["plans"][3] is None and out[0]["plans"][4] == SyncPlan(4, params=True, states=("exp_avg",))
+    assert ledger.rounds == 6 and ledger.ddp_equivalent_bytes == 13 * n
+    assert out[0]["core"].skipped_steps == [1] and out[0]["core"].optimizer_steps == [13]
+    # what after_step returned: the plan of the round, None for a local step
+    assert out[0]["plans"][3] == SyncPlan(4, params=True, states=("exp_avg",)) and out[0]["plans"][4] is None
+
+
+def test_a_scaler_skip_on_one_rank_keeps_every_rank_on_the_schedule():
+    # rank 2's updates of calls 1 and 4 are skipped (its GradScaler found inf); ranks 0 and 1 step. Counting
+    # only the updates that happened would put rank 2 one step behind, into other rounds than its peers
+    cfg = ref.Config("adam", param_sync_every=2, state_sync_every={"exp_avg": 4, "exp_avg_sq": 6}, lr=0.05,
+                     skip_calls=frozenset({1, 4}), skip_ranks=frozenset({2}))
+    config = DeslocConfig(param_sync_every=2, state_sync_every={"exp_avg": 4, "exp_avg_sq": 6})
+    out = run_on_threads(train, 3, cfg, 9, config)
+    want = ref.simulate(cfg, 9, workers=3)
+    for call in range(10):
+        for rank in range(3):
+            ref.assert_snapshot_matches(out[rank]["history"][call], want[call][rank], f"call {call}, rank {rank}")
+    assert [out[r]["core"].skipped_steps for r in range(3)] == [[0], [0], [2]]
+    assert want[9][2]["step"] == 7 and want[9][0]["step"] == 9  # Adam's own counter t stays the rank's
 
 
 def test_two_levels_match_the_two_level_reference():

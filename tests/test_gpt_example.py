@@ -228,17 +228,23 @@ def test_each_rank_streams_its_own_part(prepared, corpus, tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------- callback
-def test_comm_progress_bar_values():
+def test_comm_progress_bar_text():
     from types import SimpleNamespace
 
     bar = CommProgressBar()
-    assert bar.progress_values(SimpleNamespace(strategy=SimpleNamespace())) == {}  # DDP: no ledger, nothing shown
+    assert bar.ledger_of(SimpleNamespace(strategy=SimpleNamespace())) is None  # DDP: no ledger, nothing shown
     ledger = CommLedger()
-    assert bar.progress_values(SimpleNamespace(strategy=SimpleNamespace(ledger=ledger))) == {"saved_MB": 0.0}
+    ledger.record({"setup": 4_000_000})
+    ledger.add_ddp_equivalent(1_000_000, steps=15)
+    assert bar.progress_text(ledger) is None  # no average yet: a ratio of "everything" means nothing
+    ledger.add_ddp_equivalent(1_000_000)
+    ledger.record({"params": 1_000_000, "control": 4})  # step 16: the first average, 1 MB (+ 4 B of signals)
+    assert bar.progress_text(ledger) == "1.0 MB · 16.0x < DDP"  # 16 MB of DDP gradients / 1.000004 MB sent
+    ledger.add_ddp_equivalent(1_000_000, steps=8)  # local steps: the text waits for the next round
+    assert bar.progress_text(ledger) == "1.0 MB · 16.0x < DDP"
     ledger.record({"params": 1_000_000})
-    ledger.add_ddp_equivalent(1_000_000, steps=16)
-    values = bar.progress_values(SimpleNamespace(strategy=SimpleNamespace(ledger=ledger)))
-    assert values == {"saved_MB": 15.0, "x_less": 16.0}
+    assert bar.progress_text(ledger) == "2.0 MB · 12.0x < DDP"  # 24 MB / 2 MB
+    assert CommProgressBar(unit="KB", show_ratio=False).progress_text(ledger) == "2000.0 KB"
     with pytest.raises(ValueError, match="unit"):
         CommProgressBar(unit="MiB")
 
@@ -294,9 +300,9 @@ def test_config_runs_and_logs(runs, name):
     assert "train/loss=" in output
     if name == "ddp":
         assert not any(k.startswith("comm/") for k in rows[0])
-        assert "saved_MB" not in output
+        assert "comm=" not in output
         return
-    assert "saved_MB=" in output and "x_less=" in output
+    assert "x < DDP" in output and "comm=" in output
     total = column(rows, "comm/bytes_total")
     assert total == sorted(total) and len(total) >= STEPS // 2  # one row per sync round at least
     last = rows[-1] if rows[-1].get("comm/bytes_total") else [r for r in rows if r.get("comm/bytes_total")][-1]

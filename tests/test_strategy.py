@@ -59,17 +59,18 @@ def test_bytes_over_1536_adam_steps_equal_the_schedule(tmp_path):
 
 
 # --------------------------------------------------------------------------- AMP-skipped steps
-def test_steps_skipped_by_the_amp_scaler_do_not_count(tmp_path):
+def test_steps_the_amp_scaler_skips_still_count(tmp_path):
+    # Lightning's global_step counts them too; a rank whose scaler skipped must stay on the schedule
     model = Regression(n_batches=12, inf_batches=(2, 5))
     strategy = DeslocStrategy(param_sync_every=2, state_sync_every=5, start_method="spawn")
     # Trainer(precision="16-mixed") turns into bf16 without a scaler on CPU: ask for the fp16 scaler explicitly
     amp = MixedPrecision(precision="16-mixed", device="cpu", scaler=torch.amp.GradScaler("cpu"))
     trainer = quiet_trainer(strategy=strategy, max_epochs=1, limit_val_batches=0, plugins=[amp])
     trainer.fit(model)
-    assert strategy.optimizer_steps == [10]  # 12 batches, 2 skipped for inf gradients
+    assert strategy.optimizer_steps == [12]  # 2 of the 12 updates skipped, as global_step counts
     model_bytes = N_PARAMS * 4
-    assert strategy.ledger.bytes["params"] == (10 // 2) * model_bytes
-    assert strategy.ledger.bytes["state/exp_avg"] == (10 // 5) * model_bytes
+    assert strategy.ledger.bytes["params"] == (12 // 2) * model_bytes
+    assert strategy.ledger.bytes["state/exp_avg"] == (12 // 5) * model_bytes
 
 
 # --------------------------------------------------------------------------- validation
@@ -110,6 +111,47 @@ def test_validation_evaluates_the_documented_model(tmp_path, validate_on):
     # step 3: not in sync, step 6 and 9: not in sync either (K_x=4) -> three eval rounds in consensus mode
     expected_eval = 3 * N_PARAMS * 4 if validate_on == "consensus" else 0
     assert strategy.ledger.bytes.get("eval", 0) == expected_eval
+
+
+class FrozenFirstLayer(ValidationProbe):
+    """The first layer frozen from the start (a frozen backbone), still handed to Adam with the rest."""
+
+    def setup(self, stage):
+        self.net[0].requires_grad_(False)
+        # before the strategy's setup broadcast: rank 1's frozen layer differs until rank 0's arrives
+        with torch.no_grad():
+            self.net[0].weight.add_(float(self.trainer.global_rank))
+
+    def on_fit_end(self):  # after the strategy's end-of-fit consensus (its on_train_end runs after ours)
+        torch.save([p.detach().clone() for p in self.parameters()], f"{self.out_dir}/end{self.global_rank}.pt")
+
+
+def test_frozen_parameters_are_never_sent(tmp_path):
+    model = FrozenFirstLayer(n_batches=9, out_dir=str(tmp_path))
+    initial = [p.detach().clone() for p in model.net[0].parameters()]  # rank 0's: what the broadcast sends
+    strategy = DeslocStrategy(param_sync_every=4, start_method="spawn")
+    trainer = quiet_trainer(strategy=strategy, max_steps=9, val_check_interval=3, limit_val_batches=1,
+                            num_sanity_val_steps=0)
+    trainer.fit(model)
+    frozen_numel = IN * HIDDEN + HIDDEN
+    trainable_bytes = (N_PARAMS - frozen_numel) * 4
+    # parameter rounds after steps 4 and 8, consensus validation at steps 3, 6, 9 and none at the end
+    # (the last validation's consensus is undone, so fit ends with one more average): trainable bytes only
+    assert strategy.ledger.bytes["params"] == 2 * trainable_bytes + trainable_bytes
+    assert strategy.ledger.bytes["eval"] == 3 * trainable_bytes
+    assert strategy.ledger.bytes["setup"] == N_PARAMS * 4  # the broadcast still sends everything, once
+    assert strategy.ledger.ddp_equivalent_bytes == 9 * trainable_bytes
+    ends = [torch.load(tmp_path / f"end{r}.pt") for r in range(2)]
+    for r in range(2):
+        for got, want in zip(ends[r][:2], initial):
+            assert torch.equal(got, want)  # rank 0's values on every rank, untouched
+        for a, b in zip(ends[0][2:], ends[1][2:]):
+            assert torch.equal(a, b)  # the trainable part ends as the consensus
+    for step in (3, 6, 9):  # validation evaluated the mean of the trainable part
+        ranks = [torch.load(tmp_path / f"val{r}_{step}.pt") for r in range(2)]
+        for i in (2, 3):
+            mean = (ranks[0]["local"][i] + ranks[1]["local"][i]) / 2
+            torch.testing.assert_close(ranks[0]["evaluated"][i], mean)
 
 
 # --------------------------------------------------------------------------- baseline policies
