@@ -145,6 +145,8 @@ class DeslocConfig:
     allow_consensus_fallback: bool = False
     #: ``tau``: optimizer steps a round stays in flight before its result is applied (0: at once)
     overlap_steps: int = 0
+    #: ``N``: the first optimizer steps, trained as DDP (gradients all-reduced) before DES-LOC starts
+    ddp_warmup_steps: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "compression", parse_compression(self.compression))
@@ -159,6 +161,10 @@ class DeslocConfig:
         if self.validate_on not in ("consensus", "local"):
             raise ValueError(f"validate_on must be 'consensus' or 'local', got {self.validate_on!r}")
         self._check_overlap()
+        n = self.ddp_warmup_steps
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(f"ddp_warmup_steps must be a number of optimizer steps >= 0, got {n!r}; 0 starts "
+                             "DES-LOC at the first step, e.g. ddp_warmup_steps=500 trains the first 500 as DDP")
 
     def _check_overlap(self) -> None:
         tau = self.overlap_steps
@@ -340,6 +346,13 @@ ARGUMENT_DOCS: dict[str, str] = {
         :mod:`lightning_desloc.overlap`), so communication hides behind ``tau`` steps of computation.
         ``0`` (default): applied at once. Shorter than every period; not yet with ``"auto"``,
         compression, ``outer_lr``, ``group_size``, ``max_drift`` or ``state_policy="reset"``.""",
+"ddp_warmup_steps": """``N``, a synchronous warm-up: the first ``N`` optimizer steps all-reduce the
+        gradients (mean over ranks, ledger category ``grads``) before the step, as DDP does, so every rank
+        keeps identical parameters and optimizer states (floating buffers are averaged with the gradients).
+        DES-LOC's schedule then counts from the end of the warm-up: with ``s' = s - N``, the parameters
+        are averaged when ``s' % K_x == 0`` (at ``s = N + K_x, N + 2 K_x, ...``) and state ``k`` when
+        ``s' % K_k == 0``. A checkpoint saved inside the warm-up resumes inside it. ``0`` (default): no
+        warm-up.""",
     "allow_consensus_fallback": """on resume, a truncated, corrupt or foreign per-rank shard raises
         :class:`~lightning_desloc.checkpoint.CheckpointShardError` (default). ``True`` starts every rank
         from the consensus in the main checkpoint file instead, with a warning. See ``docs/checkpointing.md``.""",

@@ -40,7 +40,9 @@ What it does differently from Fabric's ``DDPStrategy``:
 
 Not supported here (use the Trainer strategy): hierarchical groups (``group_size``) and validation on
 the consensus (call :meth:`DeslocFabricStrategy.average_parameters` yourself). Floating buffers of every
-set-up module are averaged with the parameters of the first optimizer.
+set-up module are averaged with the parameters of the first optimizer. With ``ddp_warmup_steps`` the
+warm-up's gradient all-reduce happens inside ``optimizer.step()``, so ``fabric.clip_gradients`` called
+before it clips each rank's own gradients (the Trainer clips the averaged ones, as DDP).
 """
 
 from __future__ import annotations
@@ -74,7 +76,7 @@ from lightning_desloc.sync import float_buffers
 DESLOC_ARGUMENTS = (
     "param_sync_every", "state_sync_every", "state_policy", "compression", "outer_lr", "outer_momentum",
     "outer_nesterov", "comm_budget", "total_steps", "min_param_syncs", "max_drift", "drift_check_every",
-    "bucket_cap_mb", "allow_consensus_fallback", "overlap_steps",
+    "bucket_cap_mb", "allow_consensus_fallback", "overlap_steps", "ddp_warmup_steps",
 )
 
 __all__ = ["DeslocFabricStrategy"]
@@ -127,6 +129,7 @@ class DeslocFabricStrategy(MeteredCollectives, DDPStrategy):
         bucket_cap_mb: float = DEFAULT_BUCKET_CAP_MB,
         allow_consensus_fallback: bool = False,
         overlap_steps: int = 0,
+        ddp_warmup_steps: int = 0,
         accelerator: Optional[Accelerator] = None,
         parallel_devices: Optional[list[torch.device]] = None,
         cluster_environment: Optional[ClusterEnvironment] = None,
@@ -193,6 +196,8 @@ class DeslocFabricStrategy(MeteredCollectives, DDPStrategy):
                 "fabric.setup(model, optimizer) or fabric.setup_optimizers(optimizer) so its steps can be scheduled."
             )
         self.core.begin_step(optimizer)
+        if self.core.in_warmup(optimizer):  # ddp_warmup_steps: the gradients are averaged before the step
+            self.core.average_gradients(optimizer)
         output = super().optimizer_step(optimizer, **kwargs)
         self.core.after_step(index, optimizer)  # counts the step (a scaler's skip too); runs what is due
         return output

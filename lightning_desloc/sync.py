@@ -409,20 +409,45 @@ class DeslocSync:
         return index
 
     def wrap_closure(self, closure: Callable[[], Any], optimizer: Optimizer) -> Callable[[], Any]:
-        """``closure`` followed by the gradient all-reduce inside every level without a schedule
-        (hierarchical groups with ``group_param_sync_every=1``), before clipping and the step."""
-        levels = [lv for lv in self.levels[:-1] if lv.schedule is None and lv.comm is not None]
-        if not levels:
+        """``closure`` followed by :meth:`average_gradients`, before clipping and the step (the Trainer's
+        closure runs the backward pass)."""
+        if not self.config.ddp_warmup_steps and not self._gradient_levels():
             return closure
 
         def closure_then_average_gradients() -> Any:
             out = closure()
-            grads = [p.grad for p in optimizer_params(optimizer) if p.grad is not None]
-            for level in levels:
-                level.comm.average_({"grads": grads}, bucket_cap_bytes=self.bucket_cap_bytes)  # type: ignore[union-attr]
+            self.average_gradients(optimizer)
             return out
 
         return closure_then_average_gradients
+
+    def _gradient_levels(self) -> list[Level]:
+        return [lv for lv in self.levels[:-1] if lv.schedule is None and lv.comm is not None]
+
+    def in_warmup(self, optimizer: Optimizer) -> bool:
+        """Whether the next step of ``optimizer`` is one of the first ``ddp_warmup_steps`` (trained as DDP)."""
+        index = self.index_of(optimizer)
+        return index is not None and self.optimizer_steps[index] < self.config.ddp_warmup_steps
+
+    def average_gradients(self, optimizer: Optimizer) -> None:
+        """The gradient all-reduce a step needs before it is taken, if any: over the world during the DDP
+        warm-up (with the floating buffers, as DDP keeps them equal, and the signals, which have no other
+        round to ride on then), else inside every level without a schedule (hierarchical groups with
+        ``group_param_sync_every=1``). Call after the backward pass, before clipping and the step."""
+        grads = [p.grad for p in optimizer_params(optimizer) if p.grad is not None]
+        if self.in_warmup(optimizer):
+            due: dict[str, list[Tensor]] = {"grads": grads}
+            buffers = list(self.buffers()) if self.buffers is not None and self.index_of(optimizer) == 0 else []
+            if buffers:
+                due["buffers"] = buffers
+            if grads:
+                due["control"] = [self._signals_for_round(grads[0].device)]
+            self.comm.average_(due, bucket_cap_bytes=self.bucket_cap_bytes)
+            if grads and self.comm.distributed:
+                self._signals_arrived(due["control"][0])
+            return
+        for level in self._gradient_levels():
+            level.comm.average_({"grads": grads}, bucket_cap_bytes=self.bucket_cap_bytes)  # type: ignore[union-attr]
 
     def after_step(self, index: int, optimizer: Optimizer) -> Optional[SyncPlan]:
         """Call right after the step attempt begun by :meth:`begin_step`: everything that happens after
@@ -445,17 +470,29 @@ class DeslocSync:
         step = self.optimizer_steps[index]
         self.ledger.add_ddp_equivalent(self._gradient_bytes(optimizer))
         keys = self._keys_of(index, optimizer)
+        warmup = self.config.ddp_warmup_steps
+        if step <= warmup:  # a DDP step: the gradients were averaged, every rank took the same step
+            return self._after_warmup_step(index, step, keys)
         self.params_in_sync = False
         self._states_in_sync[index] = set()
+        local_step = step - warmup  # DES-LOC's schedule counts from the end of the warm-up
         # a round started overlap_steps ago lands now (never with overlap_steps=0)
-        self.rounds.apply_due(index, step, optimizer, self._due_tensors_of, self._signals_arrived)
+        self.rounds.apply_due(index, local_step, optimizer, self._due_tensors_of, self._signals_arrived)
         # 2. what each level's schedule has due
-        plans = [level.due(step, keys) for level in self.levels]
+        plans = [level.due(local_step, keys) for level in self.levels]
         # 3. the options adjust the outermost plan (an early average, the auto warm-up's timing)
         for option in self.options:
-            plans[-1] = option.adjust(step, plans[-1], optimizer)
+            plans[-1] = option.adjust(local_step, plans[-1], optimizer)
         # 4.-6. the rounds, the options after them, the log
         return self._run_rounds(optimizer, plans, keys, with_buffers=index == 0)
+
+    def _after_warmup_step(self, index: int, step: int, keys: tuple[str, ...]) -> None:
+        self.params_in_sync = True
+        self._states_in_sync[index] = set(keys)
+        if step == self.config.ddp_warmup_steps and self._needs_snapshot:
+            # the consensus the options measure from is where DES-LOC starts, not the setup weights
+            self.snapshot.take(optimizer_params(self.optimizers[0]))
+        return None
 
     def sync(self, optimizer: Optimizer, plan: SyncPlan, with_buffers: bool = True) -> None:
         """Average what ``plan`` says is due for ``optimizer`` now, outside the schedule: every inner level
@@ -528,7 +565,7 @@ class DeslocSync:
 
     def _apply_all_rounds(self) -> None:
         for index, optimizer in enumerate(self.optimizers):
-            self.rounds.apply_due(index, self.optimizer_steps[index], optimizer, self._due_tensors_of,
+            self.rounds.apply_due(index, self.optimizer_steps[index] - self.config.ddp_warmup_steps, optimizer, self._due_tensors_of,
                                   self._signals_arrived, everything=True)
 
     def _due_tensors(self, optimizer: Optimizer, plan: SyncPlan, with_buffers: bool) -> dict[str, list[Tensor]]:

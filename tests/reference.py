@@ -104,6 +104,8 @@ class Config:
     lr_schedule: Optional[tuple] = None
     skip_calls: frozenset = field(default_factory=frozenset)
     skip_ranks: Optional[frozenset] = None
+    #: the first optimizer steps train as DDP: every worker steps on the mean gradient, nothing is averaged
+    ddp_warmup_steps: int = 0
     seed: int = 0
 
     def skips(self, call: int, rank: int) -> bool:
@@ -222,8 +224,12 @@ def _average(tensor_lists: list[list[Tensor]]) -> list[Tensor]:
 def local_step(cfg: Config, team: list[Worker], call: int, step: int) -> None:
     """Every worker's local optimizer step ``step`` on its gradient for batch ``call`` (clipped first
     when ``cfg.clip_norm`` is set). A worker whose gradient is not finite skips its update, as its AMP
-    grad scaler does; the others step."""
+    grad scaler does; the others step. During the DDP warm-up (``step <= cfg.ddp_warmup_steps``) every
+    worker's gradient is first replaced by the mean over workers, as DDP's all-reduce does."""
     grads = [gradient(cfg, w.params, m, call) for m, w in enumerate(team)]
+    if step <= cfg.ddp_warmup_steps:
+        mean = _average(grads)
+        grads = [[g.clone() for g in mean] for _ in team]  # own copies: clipping works in place
     lr = cfg.lr_at(step)
     for w, gs in zip(team, grads):
         if any(not torch.isfinite(g).all() for g in gs):
@@ -353,7 +359,8 @@ def _run(cfg: Config, n_calls: int, workers: int, init: Optional[list[Tensor]], 
     history = [[w.snapshot() for w in team]]
     for s in range(1, n_calls + 1):  # optimizer steps, equal on every worker
         local_step(cfg, team, s - 1, s)
-        average_due(team, s)
+        if s > cfg.ddp_warmup_steps:  # DES-LOC's schedule counts from the end of the warm-up
+            average_due(team, s - cfg.ddp_warmup_steps)
         history.append([w.snapshot() for w in team])
     return history
 

@@ -50,6 +50,8 @@ def local_step(core, net, opt, rank: int, call: int, seed: int = 0, skip: bool =
     x, y = ref.make_batch(rank, call, seed)
     torch.nn.functional.mse_loss(net(x), y).backward()
     i = core.begin_step(opt)
+    if core.in_warmup(opt):  # what the adapters do after the backward pass during ddp_warmup_steps
+        core.average_gradients(opt)
     if not skip:
         opt.step()
     plan = core.after_step(i, opt)
@@ -69,7 +71,9 @@ def train(rank: int, world: int, comm, cfg: ref.Config, n_calls: int, config: De
     history = [snapshot(net, opt, cfg.state_keys())]
     plans = []
     for call in range(n_calls):
-        plans.append(local_step(core, net, opt, rank, call, cfg.seed, skip=cfg.skips(call, rank)))
+        # in the DDP warm-up the averaged gradient is infinite on every rank when it is on one: all scalers skip
+        everyone = call < cfg.ddp_warmup_steps and any(cfg.skips(call, r) for r in range(world))
+        plans.append(local_step(core, net, opt, rank, call, cfg.seed, skip=cfg.skips(call, rank) or everyone))
         history.append(snapshot(net, opt, cfg.state_keys()))
     return {"history": history, "plans": plans, "core": core}
 
@@ -111,6 +115,27 @@ def test_a_scaler_skip_on_one_rank_keeps_every_rank_on_the_schedule():
             ref.assert_snapshot_matches(out[rank]["history"][call], want[call][rank], f"call {call}, rank {rank}")
     assert [out[r]["core"].skipped_steps for r in range(3)] == [[0], [0], [2]]
     assert want[9][2]["step"] == 7 and want[9][0]["step"] == 9  # Adam's own counter t stays the rank's
+
+
+def test_ddp_warmup_then_the_schedule_from_its_end_match_the_reference():
+    # 3 DDP steps (mean gradient), then DES-LOC counting s' = s - 3: params after s' = 2, 4, 6, 8 (s = 5, ..., 11),
+    # exp_avg after s' = 4, 8, exp_avg_sq after s' = 6; a skip at call 1 on rank 0 is a skip on every rank
+    # (the averaged gradient is infinite everywhere), as under DDP
+    cfg = ref.Config("adam", param_sync_every=2, state_sync_every={"exp_avg": 4, "exp_avg_sq": 6}, lr=0.05,
+                     ddp_warmup_steps=3, skip_calls=frozenset({1}), skip_ranks=frozenset({0}))
+    config = DeslocConfig(param_sync_every=2, state_sync_every={"exp_avg": 4, "exp_avg_sq": 6}, ddp_warmup_steps=3)
+    out = run_on_threads(train, 3, cfg, 11, config)
+    want = ref.simulate(cfg, 11, workers=3)
+    for call in range(12):
+        for rank in range(3):
+            ref.assert_snapshot_matches(out[rank]["history"][call], want[call][rank], f"call {call}, rank {rank}")
+    assert [out[r]["core"].skipped_steps for r in range(3)] == [[1], [1], [1]]
+    n = ref.N_PARAMS * 8  # float64
+    ledger = out[0]["core"].ledger
+    assert dict(ledger.bytes) == {"grads": 3 * n, "params": 4 * n, "state/exp_avg": 2 * n, "state/exp_avg_sq": n,
+                                  "control": (3 + 4) * 4}
+    assert ledger.ddp_equivalent_bytes == 11 * n
+    assert [p.step if p else None for p in out[0]["plans"]] == [None, None, None, None, 2, None, 4, None, 6, None, 8]
 
 
 def test_two_levels_match_the_two_level_reference():

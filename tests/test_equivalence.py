@@ -41,6 +41,13 @@ CASES = {
                    weight_decay=0.05, clip_norm=1.2, lr_schedule=("lambda",)),
         13, None, False,
     ),
+    # the first 4 steps as DDP (mean gradient before clipping, accumulated over 2 micro-batches), then DES-LOC
+    # counting from the end of the warm-up
+    "adam-ddp-warmup-accumulate-clip": (
+        ref.Config("adam", param_sync_every=3, state_sync_every=ADAM_PERIODS, lr=2e-2, accumulate=2, clip_norm=1.0,
+                   ddp_warmup_steps=4),
+        13, ADAM_PERIODS, False,
+    ),
     "adamw-accumulate-steplr": (
         ref.Config("adamw", param_sync_every=3, state_sync_every=ADAM_PERIODS, lr=2e-2, weight_decay=0.1,
                    accumulate=2, lr_schedule=("step", 4, 0.5)),
@@ -77,7 +84,7 @@ def run_fit(tmp_path, cfg: ref.Config, n_calls: int, state_sync_every, manual: b
     if cfg.skip_calls:
         kwargs["plugins"] = [MixedPrecision(precision="16-mixed", device="cpu", scaler=torch.amp.GradScaler("cpu"))]
     strategy = DeslocStrategy(param_sync_every=cfg.param_sync_every, state_sync_every=state_sync_every,
-                              overlap_steps=overlap_steps, start_method="spawn")
+                              overlap_steps=overlap_steps, ddp_warmup_steps=cfg.ddp_warmup_steps, start_method="spawn")
     model = Mlp(cfg, n_calls, manual=manual)
     model.double()
     trainer = L.Trainer(
@@ -111,22 +118,28 @@ def test_every_step_matches_the_reference(tmp_path, name):
             ref.assert_snapshot_matches(got, want[r], f"{name}: rank {r} after optimizer-step call {call}")
     assert strategy.optimizer_steps == [n_steps]  # rank 0's counters reach the main process
 
-    # not vacuous: rank-dependent data drives the ranks apart between averages
-    assert not torch.allclose(ranks[0]["history"][1]["params"][0], ranks[1]["history"][1]["params"][0])
+    # not vacuous: rank-dependent data drives the ranks apart between averages (and not in a DDP warm-up)
+    first_local = cfg.ddp_warmup_steps + 1
+    assert not torch.allclose(ranks[0]["history"][first_local]["params"][0], ranks[1]["history"][first_local]["params"][0])
+    for call in range(1, first_local):
+        assert torch.equal(ranks[0]["history"][call]["params"][0], ranks[1]["history"][call]["params"][0])
 
     # after fit every rank holds the consensus: the mean of the last local parameters
     expected_final = ref.consensus(history[-1])
     for r in range(WORLD):
         torch.testing.assert_close(ranks[r]["final"], expected_final, **ref.SNAPSHOT_TOL)
-    last_was_sync = n_steps % cfg.param_sync_every == 0
+    local_steps = n_steps - cfg.ddp_warmup_steps  # DES-LOC's schedule counts from the end of the warm-up
+    last_was_sync = local_steps % cfg.param_sync_every == 0
     if not last_was_sync:
         assert not torch.allclose(ranks[0]["history"][-1]["params"][0], expected_final[0])
 
-    # the bytes of the schedule, plus one closing parameter average when the last step was not a sync step
+    # the bytes of the schedule, plus one closing parameter average when the last step was not a sync step,
+    # plus the warm-up's gradients (one model size per step)
     model_bytes = ref.N_PARAMS * 8
-    assert strategy.ledger.bytes["params"] == (n_steps // cfg.param_sync_every + (not last_was_sync)) * model_bytes
+    assert strategy.ledger.bytes["params"] == (local_steps // cfg.param_sync_every + (not last_was_sync)) * model_bytes
     for key in cfg.state_keys():
-        assert strategy.ledger.bytes.get(f"state/{key}", 0) == n_steps // cfg.state_sync_every[key] * model_bytes
+        assert strategy.ledger.bytes.get(f"state/{key}", 0) == local_steps // cfg.state_sync_every[key] * model_bytes
+    assert strategy.ledger.bytes.get("grads", 0) == cfg.ddp_warmup_steps * model_bytes
     assert strategy.ledger.bytes["setup"] == model_bytes
 
 
