@@ -54,6 +54,21 @@ def _check_period(name: str, value: object) -> int:
     return value
 
 
+#: parts of a state key's name that mark a second moment (Adafactor's ``row_var``/``col_var``, ``variance``)
+_SECOND_MOMENT_HINTS: tuple[str, ...] = ("sq", "var", "square", "sum", "acc_delta", "exp_inf")
+
+
+def suggested_period(key: str, param_sync_every: int) -> int:
+    """The default rule applied to a key the defaults do not list: ``6 * K_x`` for what its name marks as a
+    second moment, else ``3 * K_x``.
+
+    >>> suggested_period("row_var", 8), suggested_period("momentum", 8)
+    (48, 24)
+    """
+    second = key in SECOND_MOMENT_KEYS or any(hint in key for hint in _SECOND_MOMENT_HINTS)
+    return (SECOND_MOMENT_FACTOR if second else FIRST_MOMENT_FACTOR) * param_sync_every
+
+
 def default_state_periods(param_sync_every: int) -> dict[str, int]:
     """The paper's recommendation: first moments every ``3 * K_x`` steps, second moments every ``6 * K_x``."""
     periods = {key: FIRST_MOMENT_FACTOR * param_sync_every for key in FIRST_MOMENT_KEYS}
@@ -138,10 +153,11 @@ class SyncSchedule:
             return
         missing = sorted({k for k in keys if self.period_of(k) is None})
         if missing:
-            example = ", ".join(f"{k!r}: {3 * self.param_sync_every}" for k in missing)
+            example = ", ".join(f"{k!r}: {suggested_period(k, self.param_sync_every)}" for k in missing)
             raise ValueError(
                 f"The optimizer keeps per-parameter state {missing} but DES-LOC has no averaging period for it. "
-                f"Set one with DeslocStrategy(state_sync_every={{{example}}}) "
+                f"Set one with DeslocStrategy(state_sync_every={{{example}}}) (the default rule: 3 * K_x for "
+                f"first moments, 6 * K_x for second moments such as variances) "
                 f"or give a single int period for every state."
             )
 

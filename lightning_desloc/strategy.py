@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping
 from datetime import timedelta
 from typing import Any, Callable, Literal, Optional, Union
@@ -151,6 +152,8 @@ class DeslocStrategy(MeteredCollectives, DDPStrategy):
         self.core = build_core(arguments, buffers=self._float_buffers, log=self._log_metrics)
         self._stashed_local: Optional[list[Tensor]] = None
         self._warned_reduce = False
+        #: the ledger metrics of the current batch's rounds, ``(step, metrics)``, logged as one row
+        self._pending_log: Optional[tuple[int, dict[str, float]]] = None
         #: how the last ``fit(ckpt_path=...)`` resumed: local or consensus path, and why (None: no resume)
         self.resume_decision: Optional[desloc_checkpoint.ResumeDecision] = None
 
@@ -262,11 +265,49 @@ class DeslocStrategy(MeteredCollectives, DDPStrategy):
         self.core.average_parameters(self.model, category)
 
     def _log_metrics(self, metrics: dict[str, float]) -> None:
-        trainer = self.lightning_module.trainer if self.lightning_module is not None else None
+        """Keep the round's ledger metrics for the loggers, at the step Lightning logs the user's metrics of
+        this batch at (``_batches_that_stepped``, once per batch: with two optimizers ``global_step`` moves
+        twice per batch); the rounds of one batch go out as one row when the next batch starts."""
+        trainer = self.lightning_module._trainer if self.lightning_module is not None else None
         if not self.log_comm or trainer is None or not trainer.loggers:
             return
+        step = getattr(trainer.fit_loop.epoch_loop, "_batches_that_stepped", trainer.global_step)
+        if self._pending_log is not None and self._pending_log[0] != step:
+            self._flush_log()
+        previous = self._pending_log[1] if self._pending_log is not None else {}
+        self._pending_log = (step, {**previous, **metrics})
+
+    def _flush_log(self) -> None:
+        trainer = self.lightning_module._trainer if self.lightning_module is not None else None
+        pending, self._pending_log = self._pending_log, None
+        if pending is None or trainer is None:
+            return
         for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=trainer.global_step)
+            logger.log_metrics(pending[1], step=pending[0])
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self._flush_log()  # the last batch's rounds, one row
+        super().on_train_batch_start(batch, batch_idx)
+
+    def on_train_start(self) -> None:
+        super().on_train_start()
+        self._warn_if_shorter_than_a_period()
+
+    def _warn_if_shorter_than_a_period(self) -> None:
+        """A run shorter than ``param_sync_every`` never averages before the end of fit: say so once."""
+        trainer = self.lightning_module._trainer if self.lightning_module is not None else None
+        k_x = self.core.config.param_sync_every
+        if trainer is None or k_x == "auto" or self.world_size < 2:
+            return
+        total = trainer.estimated_stepping_batches  # the data is set up by now: cheap
+        local = total - self.core.config.ddp_warmup_steps
+        if math.isfinite(total) and 0 < local < k_x:
+            rank_zero_warn(
+                f"This fit has {int(total)} optimizer steps, fewer than param_sync_every={k_x} (after "
+                f"ddp_warmup_steps={self.core.config.ddp_warmup_steps}): the ranks train apart and are averaged "
+                "only once, at the end of fit. Set a shorter period for this run, e.g. "
+                f"DeslocStrategy(param_sync_every={max(1, int(local) // 8)}), if you want averages during it."
+            )
 
     # ------------------------------------------------------------------ validation and end of training
     def on_validation_start(self) -> None:
@@ -298,6 +339,7 @@ class DeslocStrategy(MeteredCollectives, DDPStrategy):
         # Leave every rank with the consensus, so the model the user saves or evaluates is the average.
         assert self.model is not None
         self.core.reach_consensus(self.model)
+        self._flush_log()
         super().on_train_end()
 
     def teardown(self) -> None:

@@ -88,6 +88,25 @@ def averaged_state_keys(optimizer: Optimizer) -> set[str]:
             if is_averaged(key, value, p)}
 
 
+def _check_tensor_state(optimizer: Optimizer) -> None:
+    """Raise when ``optimizer`` keeps history that is not per-parameter tensors (LBFGS's lists of past
+    directions and steps): averaging the tensors and leaving the lists would mix one rank's curvature pairs
+    with another's directions."""
+    odd = sorted({key for p in optimizer_params(optimizer) for key, value in optimizer.state.get(p, {}).items()
+                  if isinstance(value, (list, tuple, dict)) and _holds_tensors(value)})
+    if odd:
+        raise ValueError(
+            f"{type(optimizer).__name__} keeps state that is not one tensor per parameter: {odd} hold lists of "
+            "tensors (a history of past directions, as LBFGS keeps), which DES-LOC cannot average across ranks. "
+            "Train it with strategy='ddp', or use an element-wise optimizer (Adam, AdamW, SGD, Adafactor, ...)."
+        )
+
+
+def _holds_tensors(value: Any) -> bool:
+    items = value.values() if isinstance(value, dict) else value
+    return any(isinstance(v, Tensor) or (isinstance(v, (list, tuple, dict)) and _holds_tensors(v)) for v in items)
+
+
 def optimizer_params(optimizer: Optimizer) -> list[Tensor]:
     """Every parameter of ``optimizer``, in param-group order."""
     return [p for group in optimizer.param_groups for p in group["params"]]
@@ -503,6 +522,7 @@ class DeslocSync:
     def _keys_of(self, index: int, optimizer: Optimizer) -> tuple[str, ...]:
         keys = self._state_keys[index]
         if keys is None:  # the optimizer's state exists from its first step on
+            _check_tensor_state(optimizer)
             keys = self._state_keys[index] = tuple(sorted(averaged_state_keys(optimizer)))
             for level in self.levels:
                 level.check_keys(keys)

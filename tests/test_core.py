@@ -361,3 +361,22 @@ def test_a_round_in_flight_survives_a_save_and_resume_bit_for_bit(stop_at):
     for rank in range(2):
         assert resumed[rank][1] >= 1
         assert all(torch.equal(a, b) for a, b in zip(straight[rank][0], resumed[rank][0])), rank
+
+
+def test_an_optimizer_with_a_history_of_tensors_is_refused_at_its_first_step():
+    net = torch.nn.Linear(3, 1)
+    opt = torch.optim.LBFGS(net.parameters(), history_size=3)
+    core = DeslocSync(DeslocConfig(param_sync_every=2))
+    core.attach([opt])
+    x = torch.randn(8, 3)
+
+    def closure():
+        opt.zero_grad()
+        loss = net(x).pow(2).mean()
+        loss.backward()
+        return loss
+
+    i = core.begin_step(opt)
+    opt.step(closure)
+    with pytest.raises(ValueError, match=r"LBFGS keeps state .*'old_dirs'.*strategy='ddp'"):
+        core.after_step(i, opt)

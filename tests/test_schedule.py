@@ -69,8 +69,11 @@ def test_step_counter_cannot_be_given_a_period():
 def test_unknown_state_keys_error_names_them_and_the_fix():
     sched = SyncSchedule(param_sync_every=4)
     sched.check_keys(["exp_avg", "exp_avg_sq", "momentum_buffer"])
-    with pytest.raises(ValueError, match=r"\['row_var'\].*state_sync_every=\{'row_var': 12\}"):
+    # the README's rule for keys the defaults do not list: 6 * K_x for second moments, 3 * K_x otherwise
+    with pytest.raises(ValueError, match=r"\['row_var'\].*state_sync_every=\{'row_var': 24\}"):
         sched.check_keys(["exp_avg", "row_var"])
+    with pytest.raises(ValueError, match=r"state_sync_every=\{'momentum': 12\}"):
+        sched.check_keys(["momentum"])
 
 
 def test_steps_count_from_one():

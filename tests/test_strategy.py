@@ -273,3 +273,69 @@ def test_ledger_is_logged_at_each_sync_round(tmp_path):
     assert float(logged[-1]["comm/bytes/state/exp_avg"]) == model_bytes
     assert float(logged[-1]["comm/bytes/state/exp_avg_sq"]) == model_bytes
     assert float(logged[-1]["comm/bytes_ddp_equivalent"]) == 6 * model_bytes
+
+
+# --------------------------------------------------------------------------- logging with two optimizers
+class TwoOptimizers(Regression):
+    """A GAN-like module: manual optimization, one optimizer per layer, the loss logged every batch."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        for opt in self.optimizers():
+            opt.zero_grad()
+            x, y = batch
+            loss = torch.nn.functional.mse_loss(self.net(x), y)
+            self.manual_backward(loss)
+            opt.step()
+        self.log("train_loss", loss, on_step=True, on_epoch=False)
+
+    def configure_optimizers(self):
+        return [torch.optim.Adam(self.net[0].parameters(), lr=1e-2), torch.optim.SGD(self.net[2].parameters(), lr=1e-2)]
+
+
+def test_comm_metrics_land_on_the_users_steps_one_row_per_batch(tmp_path):
+    import csv
+
+    from lightning.pytorch.loggers import CSVLogger
+
+    strategy = DeslocStrategy(param_sync_every=2, state_sync_every=4, start_method="spawn")
+    trainer = quiet_trainer(strategy=strategy, max_epochs=1, limit_val_batches=0, log_every_n_steps=1,
+                            logger=CSVLogger(str(tmp_path), name="two"))
+    trainer.fit(TwoOptimizers(n_batches=8))
+    rows = list(csv.DictReader(open(next(tmp_path.rglob("metrics.csv")))))
+    user_steps = [int(r["step"]) for r in rows if r.get("train_loss")]
+    comm_steps = [int(r["step"]) for r in rows if r.get("comm/bytes_total")]
+    assert user_steps == list(range(8))  # Lightning's per-batch step, while global_step moves twice per batch
+    # each optimizer averages after its steps 2, 4, 6, 8, i.e. in batches 1, 3, 5, 7: one row per batch,
+    # at the step the batch's loss is logged at (global_step would have put them at 2, 3, 6, 7, ...); then
+    # the end-of-fit average after the last batch (with two optimizers the core does not claim the
+    # parameters are still equal, so it averages once more)
+    assert comm_steps == [1, 3, 5, 7, 8]
+
+
+def test_a_fit_shorter_than_one_period_is_told_once():
+    from types import SimpleNamespace
+
+    def strategy_for(total_steps, **kwargs):
+        from lightning.fabric.plugins.environments import LightningEnvironment
+
+        env = LightningEnvironment()
+        env.set_world_size(2)
+        strategy = DeslocStrategy(cluster_environment=env, **kwargs)
+        strategy._lightning_module = SimpleNamespace(_trainer=SimpleNamespace(estimated_stepping_batches=total_steps))
+        return strategy
+
+    with pytest.warns(UserWarning, match=r"40 optimizer steps, fewer than param_sync_every=64.*param_sync_every=5\)"):
+        strategy_for(40, param_sync_every=64)._warn_if_shorter_than_a_period()
+    with pytest.warns(UserWarning, match="after ddp_warmup_steps=30"):
+        strategy_for(80, param_sync_every=64, ddp_warmup_steps=30)._warn_if_shorter_than_a_period()
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        strategy_for(64, param_sync_every=64)._warn_if_shorter_than_a_period()  # one average: fine
+        strategy_for(float("inf"), param_sync_every=64)._warn_if_shorter_than_a_period()  # unknown length
+        strategy_for(10, param_sync_every="auto")._warn_if_shorter_than_a_period()
