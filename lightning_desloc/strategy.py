@@ -301,11 +301,13 @@ class DeslocStrategy(MeteredCollectives, DDPStrategy):
             return
         total = trainer.estimated_stepping_batches  # the data is set up by now: cheap
         local = total - self.core.config.ddp_warmup_steps
+        warmup = self.core.config.ddp_warmup_steps
         if math.isfinite(total) and 0 < local < k_x:
             rank_zero_warn(
-                f"This fit has {int(total)} optimizer steps, fewer than param_sync_every={k_x} (after "
-                f"ddp_warmup_steps={self.core.config.ddp_warmup_steps}): the ranks train apart and are averaged "
-                "only once, at the end of fit. Set a shorter period for this run, e.g. "
+                f"This fit has {int(total)} optimizer steps, fewer than param_sync_every={k_x}"
+                + (f" after ddp_warmup_steps={warmup}" if warmup else "")
+                + ": the ranks train apart and are averaged only once, at the end of fit. Set a shorter period "
+                "for this run, e.g. "
                 f"DeslocStrategy(param_sync_every={max(1, int(local) // 8)}), if you want averages during it."
             )
 
