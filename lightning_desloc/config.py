@@ -34,7 +34,7 @@ from typing import Any, Literal, Optional, Union
 
 from lightning_desloc.compression import Compression, parse_compression
 from lightning_desloc.groups import GRADIENTS_EVERY_STEP, make_group_schedule
-from lightning_desloc.schedule import StatePolicy, StateSyncEvery, SyncSchedule
+from lightning_desloc.schedule import FragmentedSchedule, StatePolicy, StateSyncEvery, SyncSchedule
 
 ValidateOn = Literal["consensus", "local"]
 ParamSyncEvery = Union[int, Literal["auto"]]
@@ -147,6 +147,8 @@ class DeslocConfig:
     overlap_steps: int = 0
     #: ``N``: the first optimizer steps, trained as DDP (gradients all-reduced) before DES-LOC starts
     ddp_warmup_steps: int = 0
+    #: ``F``: parameter fragments averaged at staggered offsets (1: the whole model in each round)
+    fragments: int = 1
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "compression", parse_compression(self.compression))
@@ -161,6 +163,7 @@ class DeslocConfig:
         if self.validate_on not in ("consensus", "local"):
             raise ValueError(f"validate_on must be 'consensus' or 'local', got {self.validate_on!r}")
         self._check_overlap()
+        self._check_fragments()
         n = self.ddp_warmup_steps
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
             raise ValueError(f"ddp_warmup_steps must be a number of optimizer steps >= 0, got {n!r}; 0 starts "
@@ -190,6 +193,20 @@ class DeslocConfig:
             raise ValueError(f"overlap_steps={tau} must be shorter than every period, so that a category has "
                              f"one round in flight at most; {short} are not. Use overlap_steps < "
                              f"{min(periods.values())} or longer periods.")
+
+    def _check_fragments(self) -> None:
+        f = self.fragments
+        if isinstance(f, bool) or not isinstance(f, int) or f < 1:
+            raise ValueError(f"fragments must be a positive number of parameter fragments, got {f!r}")
+        if f == 1:
+            return
+        others = {"param_sync_every='auto'": self.is_auto, "compression": bool(self.compression),
+                  "outer_lr": self.outer is not None, "group_size": self.hierarchy is not None,
+                  "max_drift": self.drift is not None}
+        clash = [name for name, on in others.items() if on]
+        if clash:
+            raise ValueError(f"fragments={f} cannot be combined with {', '.join(clash)} yet (they act on the "
+                             "whole model at each average); use fragments=1 with them")
 
     def check_state_keys(self, keys: Iterable[str]) -> None:
         """Raise a ``ValueError`` when ``state_sync_every``, ``group_state_sync_every`` or ``compression``
@@ -222,6 +239,9 @@ class DeslocConfig:
         average after ``auto.warmup_steps`` steps (the policy then chooses the rest)."""
         if self.is_auto:
             return SyncSchedule(self.auto.warmup_steps, None, self.state_policy)
+        if self.fragments != 1:
+            return FragmentedSchedule(self.param_sync_every, self.state_sync_every, self.state_policy,  # type: ignore[arg-type]
+                                      fragments=self.fragments)
         return SyncSchedule(self.param_sync_every, self.state_sync_every, self.state_policy)  # type: ignore[arg-type]
 
     def group_schedule(self) -> Optional[SyncSchedule]:
@@ -353,6 +373,13 @@ ARGUMENT_DOCS: dict[str, str] = {
         are averaged when ``s' % K_x == 0`` (at ``s = N + K_x, N + 2 K_x, ...``) and state ``k`` when
         ``s' % K_k == 0``. A checkpoint saved inside the warm-up resumes inside it. ``0`` (default): no
         warm-up.""",
+    "fragments": """``F``, streaming averages: the parameters (in module order, balanced by size) form ``F``
+        fragments; fragment ``f`` is averaged after the steps ``s`` with ``(s - f K_x / F) % K_x == 0`` and
+        each of its states ``k`` when ``(s - f K_x / F) % K_k == 0``, so each round carries about ``1/F`` of
+        the model (peak bandwidth and round memory ``/ F``; the ledger's ``comm/largest_round_bytes``) while
+        the bytes per ``K_x`` steps stay those of the whole model. ``F`` must divide ``K_x``; works with
+        ``overlap_steps``; not yet with ``"auto"``, compression, ``outer_lr``, ``group_size``, ``max_drift``
+        or ``state_policy="reset"``. ``1`` (default): whole-model rounds.""",
     "allow_consensus_fallback": """on resume, a truncated, corrupt or foreign per-rank shard raises
         :class:`~lightning_desloc.checkpoint.CheckpointShardError` (default). ``True`` starts every rank
         from the consensus in the main checkpoint file instead, with a warning. See ``docs/checkpointing.md``.""",

@@ -76,7 +76,7 @@ from lightning_desloc.sync import float_buffers
 DESLOC_ARGUMENTS = (
     "param_sync_every", "state_sync_every", "state_policy", "compression", "outer_lr", "outer_momentum",
     "outer_nesterov", "comm_budget", "total_steps", "min_param_syncs", "max_drift", "drift_check_every",
-    "bucket_cap_mb", "allow_consensus_fallback", "overlap_steps", "ddp_warmup_steps",
+    "bucket_cap_mb", "allow_consensus_fallback", "overlap_steps", "ddp_warmup_steps", "fragments",
 )
 
 __all__ = ["DeslocFabricStrategy"]
@@ -130,6 +130,7 @@ class DeslocFabricStrategy(MeteredCollectives, DDPStrategy):
         allow_consensus_fallback: bool = False,
         overlap_steps: int = 0,
         ddp_warmup_steps: int = 0,
+        fragments: int = 1,
         accelerator: Optional[Accelerator] = None,
         parallel_devices: Optional[list[torch.device]] = None,
         cluster_environment: Optional[ClusterEnvironment] = None,

@@ -48,6 +48,8 @@ class CommLedger:
         calls: ``torch.distributed`` collective calls in all (one per bucket of a round).
         ddp_equivalent_bytes: what DDP would have all-reduced for the same optimizer steps
             (gradient bytes per step times steps).
+        largest_round_bytes: the payload of the largest single round, bytes: what one round puts on the
+            link at once, and about what it holds in flight (``fragments=F`` divides it by ``F``).
     """
 
     def __init__(self) -> None:
@@ -56,11 +58,13 @@ class CommLedger:
         self.rounds = 0
         self.calls = 0
         self.ddp_equivalent_bytes = 0
+        self.largest_round_bytes = 0
 
     def record(self, nbytes_by_category: Mapping[str, int], calls: int = 1) -> None:
         """Record one collective round that carried ``nbytes_by_category`` in ``calls`` collective calls."""
         self.rounds += 1
         self.calls += int(calls)
+        self.largest_round_bytes = max(self.largest_round_bytes, sum(int(n) for n in nbytes_by_category.values()))
         for category, nbytes in nbytes_by_category.items():
             self.bytes[category] += int(nbytes)
             self.rounds_by_category[category] += 1
@@ -100,6 +104,7 @@ class CommLedger:
         out[f"{prefix}bytes_saved"] = float(self.bytes_saved)
         out[f"{prefix}rounds"] = float(self.rounds)
         out[f"{prefix}calls"] = float(self.calls)
+        out[f"{prefix}largest_round_bytes"] = float(self.largest_round_bytes)
         ratio = self.ratio_vs_ddp
         if ratio != float("inf"):
             out[f"{prefix}ratio_vs_ddp"] = ratio
@@ -112,6 +117,7 @@ class CommLedger:
             "rounds": self.rounds,
             "calls": self.calls,
             "ddp_equivalent_bytes": self.ddp_equivalent_bytes,
+            "largest_round_bytes": self.largest_round_bytes,
         }
 
     def load_state_dict(self, state: Mapping) -> None:
@@ -120,6 +126,7 @@ class CommLedger:
         self.rounds = int(state["rounds"])
         self.calls = int(state.get("calls", state["rounds"]))  # older checkpoints counted rounds only
         self.ddp_equivalent_bytes = int(state["ddp_equivalent_bytes"])
+        self.largest_round_bytes = int(state.get("largest_round_bytes", 0))  # older checkpoints: unknown
 
     def __repr__(self) -> str:
         cats = ", ".join(f"{k}={v}" for k, v in sorted(self.bytes.items()))

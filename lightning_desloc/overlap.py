@@ -162,6 +162,7 @@ class OverlappedRounds(BlockingRounds):
         """The rounds in flight (arrived: :meth:`finish` first): this rank's snapshots and the means."""
         self.finish()
         return [{"index": p.index, "plan": [p.plan.step, p.plan.params, list(p.plan.states), p.plan.reset_states],
+                 "parts": [[f, params, list(states)] for f, params, states in p.plan.parts],
                  "apply_at": p.apply_at,
                  "buckets": {cat: [[mine, mean] for mine, mean in b] for cat, b in p.buckets.items()}}
                 for p in self.pending]
@@ -171,7 +172,8 @@ class OverlappedRounds(BlockingRounds):
         self.pending = []
         for entry in state or []:
             step, params, states, reset = entry["plan"]
-            plan = SyncPlan(int(step), bool(params), tuple(states), bool(reset))
+            parts = tuple((int(f), bool(p), tuple(ks)) for f, p, ks in entry.get("parts", []))
+            plan = SyncPlan(int(step), bool(params), tuple(states), bool(reset), parts=parts)
             buckets = {cat: [(mine.to(device) if device is not None else mine,
                               mean.to(device) if device is not None else mean) for mine, mean in b]
                        for cat, b in entry["buckets"].items()}

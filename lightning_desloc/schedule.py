@@ -24,7 +24,7 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Optional, Union
 
@@ -84,10 +84,18 @@ class SyncPlan:
     params: bool
     states: tuple[str, ...] = ()
     reset_states: bool = False
+    #: with ``fragments=F``: per due fragment ``(fragment, its parameters due, its state keys due)``;
+    #: ``params`` and ``states`` are then their union. Empty: the plan is about the whole model.
+    parts: tuple[tuple[int, bool, tuple[str, ...]], ...] = field(default=(), repr=False)
 
     @property
     def empty(self) -> bool:
         return not self.params and not self.states and not self.reset_states
+
+    @property
+    def whole_model(self) -> bool:
+        """Whether what the plan averages covers every parameter (not one fragment of them)."""
+        return not self.parts
 
 
 @dataclass(frozen=True)
@@ -181,3 +189,69 @@ class SyncSchedule:
             period = self.period_of(key)
             counts[key] = 0 if period is None else steps // period
         return counts
+
+
+@dataclass(frozen=True, init=False)
+class FragmentedSchedule(SyncSchedule):
+    """``fragments=F``: the parameters in ``F`` fragments, each averaged on the period ``K_x`` at its own
+    offset, so that each round carries about ``1/F`` of the model (streaming DiLoCo's idea).
+
+    Fragment ``f`` (``0 <= f < F``, offset ``o_f = f * K_x / F``) has its parameters averaged right after
+    the steps ``s`` with ``(s - o_f) % K_x == 0`` and its state ``k`` when ``(s - o_f) % K_k == 0``;
+    ``F`` must divide ``K_x``. Total bytes per ``K_x`` steps are those of the whole model, as without
+    fragments. Which parameters form fragment ``f``: see :func:`fragment_of`.
+
+    >>> sched = FragmentedSchedule(4, {"exp_avg": 8}, fragments=2)   # offsets 0 and 2
+    >>> [(s, sched.due(s, ["exp_avg"]).parts) for s in range(1, 11) if sched.due(s, ["exp_avg"]).parts]
+    [(2, ((1, True, ('exp_avg',)),)), (4, ((0, True, ()),)), (6, ((1, True, ()),)), (8, ((0, True, ('exp_avg',)),)), (10, ((1, True, ('exp_avg',)),))]
+    """
+
+    fragments: int = 1
+
+    def __init__(self, param_sync_every: int = 256, state_sync_every: StateSyncEvery = None,
+                 state_policy: StatePolicy = "average", *, fragments: int = 1) -> None:
+        super().__init__(param_sync_every, state_sync_every, state_policy)
+        if isinstance(fragments, bool) or not isinstance(fragments, int) or fragments < 1:
+            raise ValueError(f"fragments must be a positive number of parameter fragments, got {fragments!r}")
+        if self.param_sync_every % fragments:
+            raise ValueError(f"fragments={fragments} must divide param_sync_every={self.param_sync_every}, so that "
+                             "the fragments' rounds are evenly spaced; e.g. fragments=4 with param_sync_every=256")
+        if state_policy == "reset":
+            raise ValueError("fragments cannot be combined with state_policy='reset' (it resets every state at a "
+                             "whole-model average); use state_policy='average' or fragments=1")
+        object.__setattr__(self, "fragments", fragments)
+
+    def due(self, step: int, state_keys: Optional[Iterable[str]] = None) -> SyncPlan:
+        if step < 1:
+            raise ValueError(f"optimizer steps are counted from 1, got {step}")
+        keys = sorted(set(self.state_sync_every.keys() if state_keys is None else state_keys))
+        spacing = self.param_sync_every // self.fragments
+        parts = []
+        for f in range(self.fragments):
+            local = step - f * spacing  # >= 0 is when fragment f's rounds begin
+            if local < 0:
+                continue
+            params = local % self.param_sync_every == 0
+            states = tuple(k for k in keys if (p := self.period_of(k)) is not None and local % p == 0)
+            if params or states:
+                parts.append((f, params, states))
+        return SyncPlan(step=step, params=any(p for _, p, _ in parts),
+                        states=tuple(sorted({k for _, _, ks in parts for k in ks})), parts=tuple(parts))
+
+
+def fragment_of(sizes: Sequence[int], fragments: int) -> list[int]:
+    """Which fragment each parameter belongs to, in module order, balanced by size: parameter ``i`` goes to
+    ``floor(F * (its first element + half its size) / total)`` (where its middle element falls), so a
+    fragment is a run of consecutive parameters of about ``1/F`` of the elements.
+
+    >>> fragment_of([35, 7, 21, 3], 2)
+    [0, 1, 1, 1]
+    >>> fragment_of([10, 10, 10, 10], 4)
+    [0, 1, 2, 3]
+    """
+    total = sum(sizes)
+    out, start = [], 0
+    for n in sizes:
+        out.append(min(fragments - 1, (fragments * (2 * start + n)) // (2 * total)) if total else 0)
+        start += n
+    return out

@@ -46,7 +46,7 @@ DESLOC_ARGUMENTS = (
     "param_sync_every", "state_sync_every", "validate_on", "state_policy", "compression", "outer_lr",
     "outer_momentum", "outer_nesterov", "group_size", "group_param_sync_every", "group_state_sync_every",
     "comm_budget", "min_param_syncs", "max_drift", "drift_check_every", "bucket_cap_mb", "log_comm",
-    "allow_consensus_fallback", "overlap_steps", "ddp_warmup_steps",
+    "allow_consensus_fallback", "overlap_steps", "ddp_warmup_steps", "fragments",
 )
 
 
@@ -128,6 +128,7 @@ class DeslocStrategy(MeteredCollectives, DDPStrategy):
         allow_consensus_fallback: bool = False,
         overlap_steps: int = 0,
         ddp_warmup_steps: int = 0,
+        fragments: int = 1,
         accelerator: Optional["pl.accelerators.Accelerator"] = None,
         parallel_devices: Optional[list[torch.device]] = None,
         cluster_environment: Optional[ClusterEnvironment] = None,

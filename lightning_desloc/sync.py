@@ -70,7 +70,7 @@ from lightning_desloc.ledger import CommLedger
 from lightning_desloc.options import Metrics, ResetStates, Round, SyncOption, is_averaged
 from lightning_desloc.outer import OuterOptimizer
 from lightning_desloc.overlap import BlockingRounds, OverlappedRounds
-from lightning_desloc.schedule import SyncPlan, SyncSchedule
+from lightning_desloc.schedule import SyncPlan, SyncSchedule, fragment_of
 from lightning_desloc.snapshot import ConsensusSnapshot
 
 __all__ = ["SIGNALS", "DeslocSync", "Level", "averaged_state_keys", "is_averaged", "optimizer_params"]
@@ -258,6 +258,7 @@ class DeslocSync:
         #: ids of the parameters frozen since setup: equal on every rank after the broadcast, never sent
         self._frozen_ids: set[int] = set()
         self._gradient_bytes = _GradientBytes()
+        self._fragment_cache: dict[Optional[int], list[int]] = {}
         self._step_calls: list[int] = []
         self._calls_before: list[int] = []
         self._hooks: list[Any] = []
@@ -566,9 +567,9 @@ class DeslocSync:
         for option in self.options:
             metrics.update(option.after_round(rnd) or {})
         index = self.index_of(rnd.optimizer)
-        if self.rounds.applies_now and index is not None:
+        if self.rounds.applies_now and index is not None and rnd.plan.whole_model:
             self._states_in_sync[index] |= set(rnd.plan.states)
-        if rnd.plan.params:
+        if rnd.plan.params and rnd.plan.whole_model:
             if self._needs_snapshot and not rnd.snapshot_taken:
                 self.snapshot.take(optimizer_params(rnd.optimizer))
             if len(self.optimizers) == 1 and self.rounds.applies_now:
@@ -589,23 +590,54 @@ class DeslocSync:
                                   self._signals_arrived, everything=True)
 
     def _due_tensors(self, optimizer: Optimizer, plan: SyncPlan, with_buffers: bool) -> dict[str, list[Tensor]]:
-        """The tensors ``plan`` says are due, by ledger category; this is where each state is averaged."""
+        """The tensors ``plan`` says are due, by ledger category; this is where each state is averaged.
+        With fragments, each due fragment adds its own parameters and states (floating buffers go with
+        fragment 0)."""
         params = optimizer_params(optimizer)
+        if plan.whole_model:
+            return self._due_of(optimizer, params, plan.params, plan.states, with_buffers)
+        fragment = self._fragments_of(optimizer)
         due: dict[str, list[Tensor]] = {}
-        if plan.params:
+        for f, params_due, states in plan.parts:
+            part = [p for p, of in zip(params, fragment) if of == f]
+            for cat, ts in self._due_of(optimizer, part, params_due, states, with_buffers and f == 0).items():
+                due.setdefault(cat, []).extend(ts)
+        return due
+
+    def _due_of(self, optimizer: Optimizer, params: list[Tensor], params_due: bool, states: Sequence[str],
+                with_buffers: bool) -> dict[str, list[Tensor]]:
+        due: dict[str, list[Tensor]] = {}
+        if params_due:
             # int8 parameters travel as the change since the snapshot of every parameter: keep them all
             delta_coded = self._wire is not None and self._wire.needs_snapshot
             due["params"] = params if delta_coded else [p for p in params if not self.is_frozen(p)]
             buffers = list(self.buffers()) if with_buffers and self.buffers is not None else []
             if buffers:
                 due["buffers"] = buffers
-        for key in plan.states:
+        for key in states:
             due[f"state/{key}"] = [
                 optimizer.state[p][key]
                 for p in params
                 if p in optimizer.state and is_averaged(key, optimizer.state[p].get(key), p)
             ]
         return due
+
+    def _fragments_of(self, optimizer: Optimizer) -> list[int]:
+        """The fragment of each of ``optimizer``'s parameters (:func:`~lightning_desloc.schedule.fragment_of`),
+        computed once; raises when a fragment would hold no parameter."""
+        index = self.index_of(optimizer)
+        cached = self._fragment_cache.get(index)
+        if cached is None:
+            sizes = [p.numel() for p in optimizer_params(optimizer)]
+            cached = fragment_of(sizes, self.config.fragments)
+            empty = sorted(set(range(self.config.fragments)) - set(cached))
+            if empty:
+                raise ValueError(
+                    f"fragments={self.config.fragments} leaves fragment(s) {empty} of optimizer {index} without "
+                    f"parameters: its {len(sizes)} parameter tensors have sizes {sizes}, and a parameter is not split. "
+                    "Use fewer fragments.")
+            self._fragment_cache[index] = cached
+        return cached
 
     # ------------------------------------------------------------------ rounds outside the schedule
     def average_parameters(self, modules: Union[Module, Sequence[Module]], category: str = "params") -> None:
@@ -715,6 +747,7 @@ def merge_ledgers(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, A
         "rounds": saved["rounds"] + current["rounds"],
         "calls": saved.get("calls", saved["rounds"]) + current.get("calls", current["rounds"]),
         "ddp_equivalent_bytes": saved["ddp_equivalent_bytes"] + current["ddp_equivalent_bytes"],
+        "largest_round_bytes": max(saved.get("largest_round_bytes", 0), current.get("largest_round_bytes", 0)),
     }
     for key in ("bytes", "rounds_by_category"):
         for cat, value in current[key].items():

@@ -106,6 +106,8 @@ class Config:
     skip_ranks: Optional[frozenset] = None
     #: the first optimizer steps train as DDP: every worker steps on the mean gradient, nothing is averaged
     ddp_warmup_steps: int = 0
+    #: F parameter fragments, fragment f averaged at offset f * K_x / F (see :func:`due_items`)
+    fragments: int = 1
     seed: int = 0
 
     def skips(self, call: int, rank: int) -> bool:
@@ -239,6 +241,40 @@ def local_step(cfg: Config, team: list[Worker], call: int, step: int) -> None:
         (sgd_update if cfg.optimizer == "sgd" else adam_update)(cfg, w, gs, lr)
     return True
 
+def fragment_positions(cfg: Config) -> list[int]:
+    """The fragment of each of ``[W1, b1, W2, b2]``: a parameter belongs where its middle element falls
+    among ``F`` equal shares of all the elements, in order."""
+    sizes = [HIDDEN * IN, HIDDEN, OUT * HIDDEN, OUT]
+    total, start, out = sum(sizes), 0, []
+    for n in sizes:
+        out.append(min(cfg.fragments - 1, int(cfg.fragments * (start + n / 2) / total)))
+        start += n
+    return out
+
+
+def due_items(cfg: Config, s: int) -> list[tuple[str, list[int]]]:
+    """What is averaged right after step ``s`` (counted from the end of any warm-up): ``("params" or a state
+    key, positions of the tensors)``. Fragment ``f`` has offset ``o = f * K_x / F``; its parameters are due
+    when ``(s - o) % K_x == 0`` and its state ``k`` when ``(s - o) % K_k == 0``, for ``s >= o``. With
+    ``F = 1``: the whole model when ``s % K_x == 0``, state ``k`` when ``s % K_k == 0``."""
+    where = fragment_positions(cfg)
+    spacing = cfg.param_sync_every // cfg.fragments
+    items = []
+    for f in range(cfg.fragments):
+        local = s - f * spacing
+        if local < 0:
+            continue
+        positions = [i for i, of in enumerate(where) if of == f]
+        if local % cfg.param_sync_every == 0:
+            items.append(("params", positions))
+        items.extend((key, positions) for key in cfg.state_keys() if local % cfg.state_sync_every[key] == 0)
+    return items
+
+
+def _get(w: Worker, what: str) -> list[Tensor]:
+    return w.params if what == "params" else w.state[what]
+
+
 def simulate(cfg: Config, n_calls: int, workers: int = 2, init: Optional[list[Tensor]] = None) -> list[list[dict]]:
     """Run ``n_calls`` optimizer-step calls on ``workers`` workers.
 
@@ -246,15 +282,11 @@ def simulate(cfg: Config, n_calls: int, workers: int = 2, init: Optional[list[Te
     after call ``c`` and its averaging round; ``history[0]`` is the start, so ``len == n_calls + 1``.
     """
     def average_due(team: list[Worker], s: int) -> None:
-        if s % cfg.param_sync_every == 0:
-            mean = _average([w.params for w in team])
-            for w in team:
-                w.params = [p.clone() for p in mean]
-        for key in cfg.state_keys():
-            if s % cfg.state_sync_every[key] == 0:
-                mean = _average([w.state[key] for w in team])
+        for what, positions in due_items(cfg, s):
+            for i in positions:
+                mean = torch.stack([_get(w, what)[i] for w in team]).mean(dim=0)
                 for w in team:
-                    w.state[key] = [v.clone() for v in mean]
+                    _get(w, what)[i] = mean.clone()
 
     return _run(cfg, n_calls, workers, init, average_due)
 
@@ -323,30 +355,21 @@ def simulate_overlapped(cfg: Config, n_calls: int, overlap_steps: int, workers: 
     with ``beta`` = ``beta1`` for ``exp_avg``, ``beta2`` for ``exp_avg_sq`` (clamped at 0), ``momentum``
     for ``momentum_buffer``; ``tau >= 1``. History as :func:`simulate`."""
     decay = {"exp_avg": cfg.betas[0], "exp_avg_sq": cfg.betas[1], "momentum_buffer": cfg.momentum}
-    in_flight: list[tuple[int, str, list[list[Tensor]], list[Tensor]]] = []  # (apply at, what, x_s per worker, mean)
-
-    def get(w: Worker, what: str) -> list[Tensor]:
-        return w.params if what == "params" else w.state[what]
-
-    def put(w: Worker, what: str, value: list[Tensor]) -> None:
-        if what == "params":
-            w.params = value
-        else:
-            w.state[what] = value
+    # (apply at, what, positions, x_s per worker, mean)
+    in_flight: list[tuple[int, str, list[int], list[list[Tensor]], list[Tensor]]] = []
 
     def average_due(team: list[Worker], s: int) -> None:
         for item in [i for i in in_flight if i[0] == s]:
-            _, what, then, mean = item
+            _, what, positions, then, mean = item
             d = 1.0 if what == "params" else decay[what] ** overlap_steps
             for w, own_then in zip(team, then):
-                new = [d * m + (now - d * old) for m, now, old in zip(mean, get(w, what), own_then)]
-                put(w, what, [v.clamp(min=0) for v in new] if what == "exp_avg_sq" else new)
+                for i, m, old in zip(positions, mean, own_then):
+                    new = d * m + (_get(w, what)[i] - d * old)
+                    _get(w, what)[i] = new.clamp(min=0) if what == "exp_avg_sq" else new
             in_flight.remove(item)
-        due = (["params"] if s % cfg.param_sync_every == 0 else []) + [
-            k for k in cfg.state_keys() if s % cfg.state_sync_every[k] == 0]
-        for what in due:
-            then = [[t.clone() for t in get(w, what)] for w in team]
-            in_flight.append((s + overlap_steps, what, then, _average(then)))
+        for what, positions in due_items(cfg, s):
+            then = [[_get(w, what)[i].clone() for i in positions] for w in team]
+            in_flight.append((s + overlap_steps, what, positions, then, _average(then)))
 
     return _run(cfg, n_calls, workers, init, average_due)
 

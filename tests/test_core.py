@@ -380,3 +380,49 @@ def test_an_optimizer_with_a_history_of_tensors_is_refused_at_its_first_step():
     opt.step(closure)
     with pytest.raises(ValueError, match=r"LBFGS keeps state .*'old_dirs'.*strategy='ddp'"):
         core.after_step(i, opt)
+
+
+# ----------------------------------------------------------------------------------------------- fragments
+FRAGMENTED = ref.Config("adam", param_sync_every=4, state_sync_every={"exp_avg": 8, "exp_avg_sq": 12}, lr=0.05,
+                        fragments=2)
+
+
+@pytest.mark.parametrize("tau", [0, 1])
+def test_fragments_match_the_reference_after_every_step(tau):
+    # fragment 0 = [W1] (35 elements), fragment 1 = [b1, W2, b2] (31): offsets 0 and 2
+    n_calls = 13
+    config = DeslocConfig(param_sync_every=4, state_sync_every={"exp_avg": 8, "exp_avg_sq": 12}, fragments=2,
+                          overlap_steps=tau)
+    out = run_on_threads(train, 3, FRAGMENTED, n_calls, config)
+    want = (ref.simulate(FRAGMENTED, n_calls, workers=3) if tau == 0
+            else ref.simulate_overlapped(FRAGMENTED, n_calls, tau, workers=3))
+    for call in range(n_calls + 1):
+        for rank in range(3):
+            ref.assert_snapshot_matches(out[rank]["history"][call], want[call][rank], f"call {call}, rank {rank}")
+    # by hand, float64: fragment 0's params after s = 4, 8, 12, its exp_avg after 8, exp_avg_sq after 12;
+    # fragment 1's params after s = 2, 6, 10, exp_avg after 2 and 10, exp_avg_sq after 2 (offset 2: s - 2 = 0)
+    f0, f1 = 35 * 8, 31 * 8
+    ledger = out[0]["core"].ledger
+    assert dict(ledger.bytes) == {"params": 3 * f0 + 3 * f1, "state/exp_avg": f0 + 2 * f1,
+                                  "state/exp_avg_sq": f0 + f1, "control": 6 * 4}
+    # the largest round is fragment 1's at s = 2 (params and both states), not a whole-model round
+    assert ledger.largest_round_bytes == 3 * f1 + 4
+
+
+def test_fragments_errors_name_the_fix():
+    with pytest.raises(ValueError, match=r"fragments=3 must divide param_sync_every=8"):
+        DeslocConfig(param_sync_every=8, fragments=3)
+    with pytest.raises(ValueError, match=r"fragments=2 cannot be combined with compression"):
+        DeslocConfig(param_sync_every=8, fragments=2, compression="bf16")
+    with pytest.raises(ValueError, match=r"state_policy='reset'"):
+        DeslocConfig(param_sync_every=8, fragments=2, state_policy="reset")
+    core = DeslocSync(DeslocConfig(param_sync_every=8, fragments=4))
+    net = torch.nn.Linear(3, 1)  # two parameter tensors cannot make four fragments
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    core.attach([opt])
+    net(torch.randn(2, 3)).sum().backward()
+    with pytest.raises(ValueError, match=r"leaves fragment\(s\) \[0, 2\].*sizes \[3, 1\].*fewer fragments"):
+        for _ in range(8):
+            i = core.begin_step(opt)
+            opt.step()
+            core.after_step(i, opt)

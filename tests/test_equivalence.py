@@ -84,7 +84,8 @@ def run_fit(tmp_path, cfg: ref.Config, n_calls: int, state_sync_every, manual: b
     if cfg.skip_calls:
         kwargs["plugins"] = [MixedPrecision(precision="16-mixed", device="cpu", scaler=torch.amp.GradScaler("cpu"))]
     strategy = DeslocStrategy(param_sync_every=cfg.param_sync_every, state_sync_every=state_sync_every,
-                              overlap_steps=overlap_steps, ddp_warmup_steps=cfg.ddp_warmup_steps, start_method="spawn")
+                              overlap_steps=overlap_steps, ddp_warmup_steps=cfg.ddp_warmup_steps,
+                              fragments=cfg.fragments, start_method="spawn")
     model = Mlp(cfg, n_calls, manual=manual)
     model.double()
     trainer = L.Trainer(
@@ -175,3 +176,25 @@ def test_overlapped_fit_matches_the_delayed_reference(tmp_path):
     model_bytes = ref.N_PARAMS * 8
     assert strategy.ledger.bytes["params"] == (n_calls // 3 + 1) * model_bytes
     assert strategy.ledger.bytes["state/exp_avg"] == (n_calls // 4) * model_bytes
+
+
+def test_fragments_with_overlap_fit_matches_the_reference(tmp_path):
+    # two fragments ([W1] and [b1, W2, b2]) at offsets 0 and 2 of K_x = 4, each round landing one step later
+    cfg = ref.Config("adam", param_sync_every=4, state_sync_every={"exp_avg": 8, "exp_avg_sq": 12}, lr=2e-2,
+                     fragments=2)
+    n_calls, tau = 13, 1
+    strategy, ranks = run_fit(tmp_path, cfg, n_calls, cfg.state_sync_every, False, overlap_steps=tau)
+    history = ref.simulate_overlapped(cfg, n_calls, tau, workers=WORLD, init=ref.start_params(0, cfg.seed))
+    for r in range(WORLD):
+        for call, (got, want) in enumerate(zip(ranks[r]["history"], history)):
+            ref.assert_snapshot_matches(got, want[r], f"fragments: rank {r} after optimizer-step call {call}")
+    expected_final = ref.consensus(history[-1])
+    for r in range(WORLD):
+        torch.testing.assert_close(ranks[r]["final"], expected_final, **ref.SNAPSHOT_TOL)
+    # by hand: fragment 0 (35 float64) after s = 4, 8, 12, fragment 1 (31) after s = 2, 6, 10, plus the
+    # whole-model closing average; the largest round is fragment 1's at s = 2 (its params and both states,
+    # 744 bytes, and the 4-byte signals), larger than the whole-model parameter rounds (the setup broadcast,
+    # the closing average: 528)
+    f0, f1 = 35 * 8, 31 * 8
+    assert strategy.ledger.bytes["params"] == 3 * f0 + 3 * f1 + (f0 + f1)
+    assert strategy.ledger.largest_round_bytes == 3 * f1 + 4
