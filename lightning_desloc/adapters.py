@@ -68,6 +68,12 @@ class MeteredCollectives:
         drift = self.core.option(DriftTrigger)
         return 0 if drift is None else drift.early_syncs
 
+    def setup_environment(self) -> None:
+        super().setup_environment()  # type: ignore[misc]
+        # Lightning broadcasts before the strategy's setup (ModelCheckpoint.setup, the log dir): the
+        # control tensors must already be on the rank's device, NCCL rejects CPU tensors
+        self.core.comm.device = self.root_device  # type: ignore[attr-defined]
+
     def _meter(self, tensor: Any) -> None:
         if isinstance(tensor, Tensor):
             self.core.comm.meter(self._collective_category, tensor.numel() * tensor.element_size())

@@ -251,7 +251,8 @@ class AutoPeriods(SyncOption):
         ``total_steps``: the run's length in optimizer steps, when known; it caps ``K_x`` (see the module)."""
         if comm is None:
             comm = self.level.comm if self.level is not None else Comm()
-        times = comm.all_reduce_max(torch.tensor([self.step_time(), round_time_s], dtype=torch.float64)).cpu()
+        times = comm.all_reduce_max(torch.tensor([self.step_time(), round_time_s], dtype=torch.float64,
+                                                 device=comm.device)).cpu()
         cap = period_cap(total_steps, self.min_param_syncs)
         self.measured = {"step_time_s": float(times[0]), "round_time_s": float(times[1]), "max_period": float(cap)}
         self.chosen = choose_periods(float(times[0]), float(times[1]), betas, self.comm_budget, max_period=cap)
