@@ -12,7 +12,9 @@ import lightning.pytorch as pl
 import torch
 from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
+from lightning.fabric.strategies.launchers.multiprocessing import _disable_module_memory_sharing
 from lightning.fabric.utilities.optimizer import _optimizers_to_device
+from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import DDPStrategy
@@ -76,8 +78,13 @@ class _LedgerReturningLauncher(_MultiProcessingLauncher):
         extra["desloc"]["group_ledger"] = strategy.group_ledger.state_dict()
         return extra
 
-    def _wrapping_function(self, *args: Any, **kwargs: Any) -> None:
-        super()._wrapping_function(*args, **kwargs)
+    def _wrapping_function(self, process_idx: int, trainer: Optional["pl.Trainer"], function: Callable,
+                           args: Any, kwargs: Any, *rest: Any, **extra: Any) -> None:
+        if self._start_method == "forkserver" and isinstance(self._strategy.accelerator, CPUAccelerator):
+            # tensors handed to the workers arrive in shared memory; Lightning copies them out for "spawn"
+            # only, so with "forkserver" every rank would train the same CPU parameters
+            args, kwargs = _disable_module_memory_sharing((args, kwargs))
+        super()._wrapping_function(process_idx, trainer, function, args, kwargs, *rest, **extra)
         close_process_group()  # the worker exits next; a new fit spawns new workers and a new group
 
     def update_main_process_results(self, trainer: "pl.Trainer", extra: dict[str, Any]) -> None:
