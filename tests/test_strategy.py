@@ -339,3 +339,18 @@ def test_a_fit_shorter_than_one_period_is_told_once():
         strategy_for(64, param_sync_every=64)._warn_if_shorter_than_a_period()  # one average: fine
         strategy_for(float("inf"), param_sync_every=64)._warn_if_shorter_than_a_period()  # unknown length
         strategy_for(10, param_sync_every="auto")._warn_if_shorter_than_a_period()
+
+
+class SharingProbe(Regression):
+    def on_train_start(self):
+        shared = [p.is_shared() for p in self.parameters()]
+        torch.save(shared, f"{self.out_dir}/shared{self.global_rank}.pt")
+
+
+def test_forkserver_workers_train_their_own_copies(tmp_path):
+    # torch hands CPU tensors to the workers in shared memory; Lightning copies them out for "spawn" only,
+    # so without the strategy's own copy every rank would step the same parameters
+    strategy = DeslocStrategy(param_sync_every=8, start_method="forkserver")
+    quiet_trainer(strategy=strategy, max_steps=2, limit_val_batches=0).fit(SharingProbe(n_batches=2, out_dir=str(tmp_path)))
+    for r in range(2):
+        assert not any(torch.load(tmp_path / f"shared{r}.pt")), f"rank {r} trains parameters in shared memory"
