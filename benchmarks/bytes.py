@@ -12,8 +12,8 @@ for ``--steps`` optimizer steps. Two independent counts of the bytes:
 
 * the strategy's own ledger (``strategy.ledger``, rank 0's, returned to the main process), for the
   DES-LOC family;
-* a wrapper around ``torch.distributed.all_reduce`` (and ``all_gather``, which carries the encoded
-  payload of compressed categories) installed in each worker process (LightningModule
+* a wrapper around ``torch.distributed.all_reduce`` (and ``all_to_all_single``, the reduce-scatter
+  that carries the encoded payload of compressed categories) installed in each worker process (LightningModule
   ``setup``), which adds up the payload of every call by the module that made it. DDP's gradient bytes
   are counted this way too: the DDP run registers torch's stock ``allreduce_hook`` as its comm hook (the
   same arithmetic as DDP's built-in reducer), so every gradient bucket passes through the wrapped
@@ -212,8 +212,8 @@ def main(argv=None) -> dict:
             sent = sum(v for k, v in ledger.items() if k.startswith(("params", "buffers", "state/")))
             per_state = {k: v for k, v in sorted(ledger.items())}
             compared = r["ledger_compared_bytes"]
-            # independent count: every all_reduce (and, for compressed categories, all_gather of the
-            # encoded payload) issued by the averaging module on both ranks, plus its setup broadcast
+            # independent count: every all_reduce (and, for compressed categories, all_to_all_single of
+            # the encoded parts) issued by the averaging module on both ranks, plus its setup broadcast
             avg0 = wrapped_bytes(r0, AVERAGING_MODULE, op=None)
             avg1 = wrapped_bytes(r1, AVERAGING_MODULE, op=None)
             # every scheme's state periods are multiples of K_x, so its rounds are the parameter rounds,
@@ -271,8 +271,8 @@ def main(argv=None) -> dict:
         print(f"arithmetic with compression: bf16 halves every message -> {2 * k_x / 1.5:.2f}x; "
               f"int8 everywhere ({int8:,} bytes per {n:,}-element message) -> {4 * n * k_x / (1.5 * int8):.2f}x; "
               f"bf16 params + int8 states -> {4 * n / (2 * n / k_x + int8 / (3 * k_x) + int8 / (6 * k_x)):.2f}x "
-              f"(compressed categories travel in an all_gather of the encoded payload; the payload per rank is "
-              f"what is counted, as for all_reduce)")
+              f"(compressed categories travel in a coded reduce-scatter (all_to_all_single) and an all-gather; "
+              f"the encoded payload a rank hands to the reduce-scatter is what is counted, as for all_reduce)")
     retried = {s: v["retries"] for s, v in summary.items() if v["retries"]}
     if retried:
         print(f"runs repeated after a worker died at exit: {retried}")

@@ -86,10 +86,13 @@ class CollectiveCounter:
     """Counts payload bytes handed to torch.distributed collectives in this process, by caller module.
 
     ``counts[(op, caller)] = [calls, bytes]``. For ``all_gather`` the payload is the local input tensor
-    (the same convention as the ledger).
+    (the same convention as the ledger). ``all_to_all_single`` is the reduce-scatter half of a
+    bfloat16/float16 or compressed average: its input is the payload, as an ``all_reduce``'s; the
+    all-gather of the mean chunks that completes it (``all_gather_single``) is not wrapped, so it is not
+    counted twice.
     """
 
-    OPS = ("all_reduce", "broadcast", "all_gather")
+    OPS = ("all_reduce", "broadcast", "all_gather", "all_to_all_single")
 
     def __init__(self) -> None:
         self.counts: dict[tuple[str, str], list[int]] = {}
@@ -113,7 +116,8 @@ class CollectiveCounter:
 
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             caller = sys._getframe(1).f_globals.get("__name__", "?")
-            payload = args[1] if op == "all_gather" and len(args) > 1 else (args[0] if args else None)
+            two_tensors = op in ("all_gather", "all_to_all_single")  # (output, input, ...): the input is sent
+            payload = args[1] if two_tensors and len(args) > 1 else (args[0] if args else None)
             if payload is None:
                 payload = kwargs.get("tensor")
             entry = counts.setdefault((op, caller), [0, 0])

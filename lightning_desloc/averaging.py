@@ -1,9 +1,28 @@
-"""The one place DES-LOC's averaging collectives happen: flatten -> all-reduce -> mean -> unflatten.
+"""The one place DES-LOC's averaging collectives happen: flatten -> reduce -> mean -> unflatten.
 
-Everything due in one step travels in one coalesced round: the tensors are grouped by dtype and
-device, packed into flat buckets of at most ``bucket_cap_bytes``, all buckets are all-reduced
-asynchronously, and the mean is copied back in place. Each round is recorded in a
-:class:`~lightning_desloc.ledger.CommLedger` by category.
+Everything due in one step travels in one round, for a group of M ranks:
+
+* **Exact categories** are grouped by dtype and device and packed into flat buckets of at most
+  ``bucket_cap_bytes``. A float32/float64 bucket is all-reduced (a sum) and divided by M. A
+  bfloat16/float16 bucket is summed in float32 instead: cut into M consecutive chunks of
+  ``ceil(numel / M)`` elements (the last ones shorter or empty), one ``all_to_all_single`` hands rank
+  ``j`` every rank's copy of chunk ``j`` (a reduce-scatter), rank ``j`` adds the M copies in float32 in
+  rank order, divides by M and rounds once to the bucket's dtype, and an all-gather of the mean chunks
+  (zero padded to whole chunks) gives every rank the whole mean. The wire bytes per rank are a ring
+  all-reduce's, float16 cannot overflow before the division, the mean is rounded once (a bfloat16 sum
+  over many ranks would be several ulp off) and every rank ends bit-identical (each chunk's mean is
+  computed by one rank).
+* **Compressed categories** (:mod:`lightning_desloc.compression`) travel together in one coded
+  reduce-scatter (``all_to_all_single`` of encoded parts) and one all-gather of the encoded mean parts.
+
+The round is pipelined: bucket ``i + 1`` is packed and issued before bucket ``i`` is waited for, copied
+back and released, so at most two flat buckets exist at once (a bfloat16/float16 bucket also holds a
+receive buffer of its size while its all-to-all is in flight); the compressed categories are the last
+stage. Each round is recorded in a :class:`~lightning_desloc.ledger.CommLedger` by category: the
+payload averaged (``numel * element_size`` of the tensors, the codec's encoded size of the message for a
+compressed category, once per round, whatever collectives carry it: exactly what a rank hands to the
+all-reduce or the reduce-scatter) and the collectives issued (1 per float32/float64 bucket, 2 per
+bfloat16/float16 bucket, 2 for all the compressed categories).
 
 Example, run on every rank of an initialised process group::
 
@@ -18,21 +37,28 @@ With one process nothing is sent and nothing is recorded.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from lightning_desloc.compression import CompressionPlan
+from lightning_desloc.compression import CompressionPlan, decode_parts, encode_parts, part_numels
 from lightning_desloc.ledger import CommLedger
 
 DEFAULT_BUCKET_CAP_BYTES = 64 * 2**20
 
+#: dtypes whose buckets are summed in float32 (reduce-scatter + all-gather) rather than all-reduced
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
 
 def _nbytes(t: Tensor) -> int:
     return t.numel() * t.element_size()
+
+
+def _numel(tensors: Sequence[Tensor]) -> int:
+    return sum(t.numel() for t in tensors)
 
 
 def _buckets(tensors: Sequence[Tensor], cap: int) -> list[list[Tensor]]:
@@ -57,37 +83,64 @@ def kind_buckets(tensors: Sequence[Tensor], cap: int) -> list[list[Tensor]]:
     return [bucket for same in by_kind.values() for bucket in _buckets(same, cap)]
 
 
-def start_average_round(
-    tensors_by_category: Mapping[str, Sequence[Tensor]], world: int, group: Optional[Any], bucket_cap_bytes: int,
-) -> tuple[dict[str, list[tuple[Tensor, Tensor]]], list[Any], dict[str, int], int]:
-    """Start an asynchronous average without touching the tensors (``overlap_steps``): per category and
-    bucket, a flat snapshot and a copy of it all-reduced in place; divided by ``world`` by the time the
-    returned works have been waited on (the division is queued behind the all-reduce on the same stream,
-    on gloo after ``wait``: see :class:`~lightning_desloc.overlap.OverlappedRounds`). Returns the buckets
-    ``{category: [(snapshot, mean), ...]}``, the works, bytes per category and the number of calls."""
-    buckets: dict[str, list[tuple[Tensor, Tensor]]] = {}
-    works: list[Any] = []
-    sent: dict[str, int] = {}
-    for cat, ts in tensors_by_category.items():
-        if not ts:
-            continue
-        buckets[cat] = []
-        sent[cat] = sum(_nbytes(t) for t in ts)
-        for bucket in kind_buckets(ts, bucket_cap_bytes):
-            with torch.no_grad():
-                mine = torch.cat([t.detach().reshape(-1) for t in bucket])
-                flat = mine.clone()
-            works.append(_DividingWork(dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group, async_op=True),
-                                       flat, world))
-            buckets[cat].append((mine, flat))
-    return buckets, works, sent, len(works)
+def _chunk_numel(numel: int, world: int) -> int:
+    """Elements of each rank's chunk of a bfloat16/float16 bucket (the last ranks' are shorter or empty)."""
+    return -(-numel // world)
+
+
+def _chunk_numels(numel: int, world: int) -> list[int]:
+    """The elements of the ``world`` consecutive chunks of a ``numel``-element bucket, in rank order."""
+    size = _chunk_numel(numel, world)
+    return [max(0, min(size, numel - j * size)) for j in range(world)]
+
+
+def _pack(bucket: Sequence[Tensor], world: int) -> Tensor:
+    """A new flat tensor holding ``bucket``'s values in order; for a bfloat16/float16 bucket with room
+    (zeros) for ``world`` whole chunks, where the all-gather of the mean chunks lands."""
+    numel = _numel(bucket)
+    padded = _chunk_numel(numel, world) * world if bucket[0].dtype in LOW_PRECISION else numel
+    flat = torch.empty(padded, dtype=bucket[0].dtype, device=bucket[0].device)
+    offset = 0
+    for t in bucket:
+        flat[offset : offset + t.numel()].view(t.shape).copy_(t.detach())
+        offset += t.numel()
+    flat[numel:].zero_()
+    return flat
+
+
+def _unpadded(flat: Tensor, numel: int) -> Tensor:
+    return flat if flat.numel() == numel else flat[:numel]
+
+
+def _rank_order_mean(rows: Iterable[Tensor], world: int) -> Tensor:
+    """The float32 mean of ``rows`` (one per rank), added one after another from rank 0: the order is
+    fixed, so the result does not depend on which rank computes it or how the round was bucketed."""
+    total: Optional[Tensor] = None
+    for row in rows:
+        if total is None:
+            total = row.to(torch.float32, copy=True)
+        else:
+            total += row
+    assert total is not None, "no rows to average"
+    return total.div_(world)
+
+
+def _all_gather_flat(output: Tensor, mine: Tensor, group: Optional[Any]) -> None:
+    """``output`` <- every rank's equal-sized ``mine`` concatenated in rank order (blocking);
+    ``all_gather_single`` where torch has it (2.14 deprecates its older name, ``all_gather_into_tensor``)."""
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather(output, mine, group=group)
 
 
 class _DividingWork:
-    """A pending all-reduce whose ``wait`` also turns the sum into the mean (once)."""
+    """A pending all-reduce (a sum) of ``flat`` whose ``wait`` also turns the sum into the mean (once).
+    One collective; the mean is in :attr:`result` (``flat``) after ``wait``."""
+
+    calls = 1
 
     def __init__(self, work: Any, flat: Tensor, world: int) -> None:
         self.work, self.flat, self.world = work, flat, world
+        self.result = flat
 
     def wait(self) -> None:
         if self.work is not None:
@@ -96,8 +149,94 @@ class _DividingWork:
             self.work = None
 
 
+class _Float32SumWork:
+    """The mean over ``world`` ranks of the first ``numel`` elements of a bfloat16/float16 ``flat``
+    (with room for ``world`` whole chunks, :func:`_pack`), summed in float32. Two collectives:
+
+    * the reduce-scatter, an ``all_to_all_single`` issued asynchronously here: chunk ``j`` of the
+      ``numel`` values (:func:`_chunk_numels`, the last ones shorter) goes to rank ``j``, so a rank hands
+      it exactly its payload and row ``i`` of the receive buffer is rank ``i``'s copy of this rank's chunk;
+    * in :meth:`wait`, the float32 sum of those rows in rank order, the division, one rounding to the
+      dtype and a blocking all-gather of the mean chunks (zero padded to whole chunks) into
+      :attr:`result`. That all-gather is a collective issued at ``wait``: every rank must wait for its
+      works in the same order (the round's callers do).
+
+    :attr:`result` (``world`` whole chunks; the mean in its first ``numel`` elements) is ``flat`` itself
+    with ``overwrite_flat`` (a blocking round: the sent values are not needed once they have arrived),
+    else the receive buffer (an overlapped round keeps ``flat`` as the snapshot); either way no third
+    buffer of the bucket's size is allocated."""
+
+    calls = 2
+
+    def __init__(self, flat: Tensor, numel: int, world: int, group: Optional[Any], overwrite_flat: bool) -> None:
+        self.flat, self.world, self.group = flat, world, group
+        chunks = _chunk_numels(numel, world)
+        self.mine = chunks[dist.get_rank(group)]
+        self.received: Optional[Tensor] = torch.empty_like(flat)
+        self.result = flat if overwrite_flat else self.received
+        self.work = dist.all_to_all_single(self.received[: world * self.mine], flat[:numel],
+                                           output_split_sizes=[self.mine] * world, input_split_sizes=chunks,
+                                           group=group, async_op=True)
+
+    def wait(self) -> None:
+        if self.work is None:
+            return
+        self.work.wait()
+        assert self.received is not None
+        rows = self.received[: self.world * self.mine].view(self.world, self.mine)
+        mean_chunk = torch.zeros(self.flat.numel() // self.world, dtype=self.flat.dtype, device=self.flat.device)
+        mean_chunk[: self.mine] = _rank_order_mean(rows, self.world)
+        self.received = self.work = None  # the receive buffer lives on only as the result, if it is one
+        _all_gather_flat(self.result, mean_chunk, self.group)
+
+
+def _start_mean(flat: Tensor, numel: int, world: int, group: Optional[Any], keep_flat: bool) -> Any:
+    """Issue the collectives of the mean of ``flat``'s first ``numel`` elements (:func:`_pack`); a work
+    whose ``wait`` leaves it in the first ``numel`` elements of its ``result`` (``keep_flat``: never in
+    ``flat`` itself)."""
+    if flat.dtype in LOW_PRECISION:
+        return _Float32SumWork(flat, numel, world, group, overwrite_flat=not keep_flat)
+    summed = flat.clone() if keep_flat else flat
+    return _DividingWork(dist.all_reduce(summed, op=dist.ReduceOp.SUM, group=group, async_op=True), summed, world)
+
+
+def start_average_round(
+    tensors_by_category: Mapping[str, Sequence[Tensor]], world: int, group: Optional[Any], bucket_cap_bytes: int,
+) -> tuple[dict[str, list[tuple[Tensor, Tensor]]], list[Any], dict[str, int], int]:
+    """Start an asynchronous average without touching the tensors (``overlap_steps``): per category and
+    bucket, a flat snapshot and the buffer its mean arrives in, the mean there by the time the returned
+    works have been waited on.
+
+    A float32/float64 bucket is all-reduced (a copy of the snapshot, in place) and the division is queued
+    behind it at ``wait`` (on gloo after the all-reduce: see
+    :class:`~lightning_desloc.overlap.OverlappedRounds`). A bfloat16/float16 bucket gets the same
+    float32-accumulated mean as :func:`average_round`: its all-to-all (the reduce-scatter) is issued now
+    and ``wait`` does the float32 sum and a blocking all-gather; its mean arrives in the all-to-all's
+    receive buffer, so a bucket holds two buffers of its size in flight either way. Returns the buckets
+    ``{category: [(snapshot, mean), ...]}``, the works, bytes per category and the number of collectives.
+    """
+    buckets: dict[str, list[tuple[Tensor, Tensor]]] = {}
+    works: list[Any] = []
+    sent: dict[str, int] = {}
+    calls = 0
+    for cat, ts in tensors_by_category.items():
+        if not ts:
+            continue
+        buckets[cat] = []
+        sent[cat] = sum(_nbytes(t) for t in ts)
+        for bucket in kind_buckets(ts, bucket_cap_bytes):
+            numel = _numel(bucket)
+            with torch.no_grad():
+                mine = _pack(bucket, world)
+            work = _start_mean(mine, numel, world, group, keep_flat=True)
+            works.append(work)
+            calls += work.calls
+            buckets[cat].append((_unpadded(mine, numel), _unpadded(work.result, numel)))
+    return buckets, works, sent, calls
+
+
 def unflatten_into(flat: Tensor, bucket: Sequence[Tensor]) -> None:
-    """Copy consecutive slices of ``flat`` into the tensors of ``bucket``."""
+    """Copy consecutive slices of ``flat`` into the tensors of ``bucket`` (elements past them are ignored)."""
     _unflatten_into(flat, bucket)
 
 
@@ -125,9 +264,10 @@ def average_(
             ``"state/exp_avg"``, ...). Integer tensors are not averaged; leave them out.
         ledger: where the round's payload bytes are recorded per category.
         group: process group; the default group when ``None``.
-        bucket_cap_bytes: largest flat buffer handed to one all-reduce, in bytes.
+        bucket_cap_bytes: largest flat buffer handed to one bucket's collectives, in bytes.
         compression: categories it names travel encoded (see :mod:`lightning_desloc.compression`) in
-            one all-gather issued with the round's all-reduces; the rest are all-reduced exactly.
+            one coded reduce-scatter and all-gather, the last stage of the round; the rest are averaged
+            exactly (see the module docstring).
     """
     from lightning_desloc.comm import Comm
 
@@ -144,13 +284,15 @@ def average_round(
     """How a round averages, for a group of ``world`` ranks: returns the payload bytes per category and
     the number of collective calls issued.
 
-    Exact categories are grouped by dtype and device, packed into flat buckets of at most
-    ``bucket_cap_bytes``, all-reduced asynchronously (a sum) and divided by ``world``; compressed
-    ones travel in one all-gather beside them. Called by :class:`~lightning_desloc.comm.Comm`, which
-    checks the group and records the bytes.
+    Exact categories are grouped by dtype and device and packed into flat buckets of at most
+    ``bucket_cap_bytes``; float32/float64 buckets are all-reduced (a sum) and divided by ``world``,
+    bfloat16/float16 ones summed in float32 by a reduce-scatter and an all-gather. Compressed categories
+    travel in one coded reduce-scatter and all-gather after them. At most two stages (buckets, or the
+    compressed categories) are packed at once: each is issued before the previous one is waited for.
+    Called by :class:`~lightning_desloc.comm.Comm`, which checks the group and records the bytes.
     """
     exact: list[Tensor] = []
-    coded: list[tuple[str, Sequence[Tensor], Any]] = []
+    coded: list[tuple[Sequence[Tensor], Any]] = []
     sent: dict[str, int] = defaultdict(int)
     for cat, ts in tensors_by_category.items():
         if not ts:
@@ -160,53 +302,138 @@ def average_round(
             exact.extend(ts)
             sent[cat] += sum(_nbytes(t) for t in ts)
         else:
-            coded.append((cat, ts, memory))
-            sent[cat] += memory.codec.nbytes(sum(t.numel() for t in ts))
+            coded.append((ts, memory))
+            sent[cat] += memory.codec.nbytes(_numel(ts))
 
     for t in exact:
         if not t.is_floating_point():
             raise TypeError(f"only floating tensors can be averaged, got {t.dtype}")
-    pending = []
-    for bucket in kind_buckets(exact, bucket_cap_bytes):
-        flat = torch.cat([t.detach().reshape(-1) for t in bucket])
-        work = dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group, async_op=True)
-        pending.append((work, flat, bucket))
-    gathered = _start_coded_round(coded, world, group) if coded else None
     with torch.no_grad():
-        for work, flat, bucket in pending:
-            work.wait()
-            flat.div_(world)
-            _unflatten_into(flat, bucket)
-        if gathered is not None:
-            _finish_coded_round(coded, world, *gathered)
-    return dict(sent), len(pending) + (gathered is not None)
+        calls = _run_two_at_a_time(_stages(exact, coded, world, group, bucket_cap_bytes))
+    return dict(sent), calls
 
 
-def _start_coded_round(coded, world, group):
-    messages, payloads = [], []
-    for _, ts, memory in coded:
-        m = memory.message(torch.cat([t.detach().reshape(-1) for t in ts]))
-        messages.append(m)
-        payloads.append(memory.codec.encode(m))
-    mine = torch.cat(payloads)
-    everyone = [torch.empty_like(mine) for _ in range(world)]
-    work = dist.all_gather(everyone, mine, group=group, async_op=True)
-    return work, everyone, messages, [p.numel() for p in payloads], dist.get_rank(group)
+def _stages(exact: Sequence[Tensor], coded: Sequence[tuple[Sequence[Tensor], Any]], world: int,
+            group: Optional[Any], bucket_cap_bytes: int) -> Iterator[Any]:
+    """The round's stages, each packed and issued only when the pipeline asks for it."""
+    for bucket in kind_buckets(exact, bucket_cap_bytes):
+        yield _BucketStage(bucket, world, group)
+    if coded:
+        yield _CodedStage(coded, world, group)
 
 
-def _finish_coded_round(coded, world, work, everyone, messages, sizes, rank) -> None:
-    work.wait()
-    offset = 0
-    for (_, ts, memory), message, size in zip(coded, messages, sizes):
-        numel = message.numel()
-        decoded = [memory.codec.decode(buf[offset : offset + size], numel) for buf in everyone]
-        total = decoded[0].clone()
-        for d in decoded[1:]:  # rank order: every rank computes the same sum
-            total += d
-        result = memory.finish(total / world)
-        memory.remember(message, decoded[rank], result)
-        _unflatten_into(result, ts)
-        offset += size
+def _run_two_at_a_time(stages: Iterator[Any]) -> int:
+    """Issue every stage, finishing each one only after the next has been issued: the collectives
+    overlap the packing and unpacking around them, and at most two stages hold buffers at once (a
+    stage is released when the next-but-one is asked for). Returns the collectives issued."""
+    calls, in_flight = 0, None
+    for stage in stages:
+        calls += stage.calls
+        if in_flight is not None:
+            in_flight.finish()
+        in_flight = stage
+    if in_flight is not None:
+        in_flight.finish()
+    return calls
+
+
+class _BucketStage:
+    """One exact bucket of a blocking round: packed and its collectives issued at construction, the mean
+    copied back into the tensors by :meth:`finish`, which also drops the flat buffer."""
+
+    def __init__(self, bucket: Sequence[Tensor], world: int, group: Optional[Any]) -> None:
+        self.bucket = bucket
+        self.work = _start_mean(_pack(bucket, world), _numel(bucket), world, group, keep_flat=False)
+        self.calls = self.work.calls
+
+    def finish(self) -> None:
+        self.work.wait()
+        _unflatten_into(self.work.result, self.bucket)
+        self.work = None
+
+
+class _CodedMessage:
+    """One compressed category within a :class:`_CodedStage`: its tensors, memory and float32 message,
+    and per rank ``j`` the elements of part ``j`` and where its encoding sits in the ``j``-th row of the
+    stage's buffers (a row holds every category's part ``j``, in category order; offsets in bytes)."""
+
+    def __init__(self, tensors: Sequence[Tensor], memory: Any, message: Tensor, part_numels: list[int],
+                 part_bytes: list[int], offsets: list[int]) -> None:
+        self.tensors, self.memory, self.message = tensors, memory, message
+        self.part_numels, self.part_bytes, self.offsets = part_numels, part_bytes, offsets
+
+    def part(self, buffer: Tensor, row_start: int, j: int) -> Tensor:
+        """The encoding of part ``j`` in ``buffer``, whose row ``j`` begins at byte ``row_start``."""
+        begin = row_start + self.offsets[j]
+        return buffer[begin : begin + self.part_bytes[j]]
+
+    def decode(self, buffer: Tensor, row_starts: Sequence[int]) -> Tensor:
+        """The whole message decoded from the rows of ``buffer`` that begin at ``row_starts``."""
+        parts = [self.part(buffer, start, j) for j, start in enumerate(row_starts)]
+        return decode_parts(self.memory.codec, parts, self.part_numels)
+
+
+def _starts(row_bytes: Sequence[int]) -> list[int]:
+    """Where each of consecutive rows of ``row_bytes`` begins."""
+    out, start = [], 0
+    for n in row_bytes:
+        out.append(start)
+        start += n
+    return out
+
+
+class _CodedStage:
+    """Every compressed category of a round, averaged by a coded reduce-scatter and an all-gather (the
+    protocol of :mod:`lightning_desloc.compression`).
+
+    At construction each message is cut into ``world`` parts and encoded; row ``j`` of the send buffer
+    holds every category's encoded part ``j`` and goes to rank ``j`` in one asynchronous
+    ``all_to_all_single`` (the rows' lengths add up to the encoded messages: what the ledger counts).
+    :meth:`finish` decodes the ``world`` received encodings of this rank's part of each category, takes
+    their float32 mean in rank order, encodes it again and all-gathers the encoded mean parts (padded to
+    the longest row); every rank decodes the same bytes, so all results (and anchors) are bit-identical.
+    Error feedback sees this rank's own first encoding (``memory.remember``)."""
+
+    calls = 2
+
+    def __init__(self, coded: Sequence[tuple[Sequence[Tensor], Any]], world: int, group: Optional[Any]) -> None:
+        self.world, self.group, self.rank = world, group, dist.get_rank(group)
+        self.messages: list[_CodedMessage] = []
+        rows: list[list[Tensor]] = [[] for _ in range(world)]  # rows[j]: what rank j gets, by category
+        for ts, memory in coded:
+            message = memory.message(torch.cat([t.detach().reshape(-1) for t in ts]))
+            encodings = encode_parts(memory.codec, message, world)
+            offsets = [sum(e.numel() for e in row) for row in rows]
+            self.messages.append(_CodedMessage(ts, memory, message, part_numels(memory.codec, message.numel(), world),
+                                               [e.numel() for e in encodings], offsets))
+            for row, encoding in zip(rows, encodings):
+                row.append(encoding)
+        self.row_bytes = [sum(e.numel() for e in row) for row in rows]
+        self.sent: Optional[Tensor] = torch.cat([e for row in rows for e in row])
+        mine = self.row_bytes[self.rank]
+        self.received: Optional[Tensor] = torch.empty(world * mine, dtype=torch.uint8, device=self.sent.device)
+        self.work = dist.all_to_all_single(self.received, self.sent, output_split_sizes=[mine] * world,
+                                           input_split_sizes=self.row_bytes, group=group, async_op=True)
+
+    def finish(self) -> None:
+        self.work.wait()
+        assert self.received is not None and self.sent is not None
+        mine, widest = self.row_bytes[self.rank], max(self.row_bytes)
+        mean_parts = torch.zeros(widest, dtype=torch.uint8, device=self.sent.device)
+        for m in self.messages:
+            numel = m.part_numels[self.rank]
+            if numel:
+                codec = m.memory.codec
+                decoded = (codec.decode(m.part(self.received, i * mine, self.rank), numel) for i in range(self.world))
+                m.part(mean_parts, 0, self.rank).copy_(codec.encode(_rank_order_mean(decoded, self.world)))
+        self.received = None
+        gathered = torch.empty(self.world * widest, dtype=torch.uint8, device=mean_parts.device)
+        _all_gather_flat(gathered, mean_parts, self.group)
+        for m in self.messages:
+            result = m.memory.finish(m.decode(gathered, [j * widest for j in range(self.world)]))
+            m.memory.remember(m.message, m.decode(self.sent, _starts(self.row_bytes)), result)
+            _unflatten_into(result, m.tensors)
+        self.messages, self.sent = [], None
 
 
 def average_stacked_(

@@ -1,9 +1,36 @@
-"""Wire formats for compressed averaging, chosen per category (parameters, each state key).
+"""Wire formats for compressed averaging, chosen per category (parameters, each state key), and the
+coded round that carries them.
 
-A compressed category is not all-reduced: every rank encodes its flat tensor, the encoded payloads
-are all-gathered (one collective for all compressed categories of a round), and every rank decodes
-all M payloads in rank order and takes the mean in float32, so all ranks get bit-identical results.
-The bytes recorded are the encoded payload a rank hands to the collective.
+A compressed category is not all-reduced. Each rank turns its flat tensor into a float32 *message*
+(the value itself, or for int8 parameters its change since the anchor plus error feedback, below);
+for a group of M ranks a coded reduce-scatter and an all-gather then average the messages:
+
+1. the message is cut into M consecutive parts of :meth:`~Int8Codec.part_numel` elements (the last ones
+   shorter or empty; :func:`part_numels`) and each part is encoded alone (:func:`encode_parts`); one
+   ``all_to_all_single`` hands part ``j`` of every rank to rank ``j``. For int8 a part is a whole number
+   of scale chunks, so the parts' encodings decode to exactly what the whole message's would, and
+   together they are exactly as long as it (``codec.nbytes(numel)``);
+2. rank ``j`` decodes the M encodings of its part, adds them in float32 in rank order, divides by M and
+   encodes that mean part again;
+3. one all-gather (every rank's encoded mean parts, zero padded to the longest rank's) hands every
+   rank all M mean parts, which every rank decodes: every rank applies the same bytes, so all ranks
+   end bit-identical (results and anchors).
+
+All compressed categories of a round share these two collectives. Step 2's second encoding rounds the
+mean once more. That rounding is part of the common result every rank applies, so it causes no drift
+between ranks; it is in no rank's error feedback. For delta-coded parameters it is not lost either:
+the next message is measured from the anchor, which includes it, so the next round corrects it. For
+states it is one more rounding of the mean (bf16: the mean is rounded to bfloat16; int8: to the scales
+of the mean part).
+
+Bytes: the ledger records per compressed category the codec's encoded size of the message,
+``codec.nbytes(numel)``, once per message, as an exact category records ``numel * element_size`` of
+its tensors once; it is exactly what a rank hands to the reduce-scatter. On the wire, for exact
+categories (a ring all-reduce, or for bfloat16/float16 buckets a reduce-scatter plus an all-gather, see
+:mod:`lightning_desloc.averaging`) and for coded ones alike, each rank sends and receives about
+``2 (M - 1) / M`` times the counted payload (the all-gather's padding is under one part), whereas the
+previous all-gather of every rank's whole encoded message moved ``M - 1`` times it. A rank decodes and
+holds one part's float32 sum instead of M decoded messages.
 
 * ``"bf16"``: the values rounded to bfloat16, 2 bytes per element.
 * ``"int8"``: per chunk of ``chunk`` elements a float32 scale ``s = max|x| / 127`` and
@@ -13,10 +40,11 @@ The bytes recorded are the encoded payload a rank hands to the collective.
 
 Parameters coded as int8 are sent as the difference to the last consensus (the *anchor*, equal on
 every rank) with error feedback: what rounding left out of one message is added to the next, so
-the error does not accumulate (Seide et al. 2014; Karimireddy et al. 2019)::
+the error does not accumulate (Seide et al. 2014; Karimireddy et al. 2019). With ``Q`` the int8
+round trip of step 1 and ``Q'`` that of step 2::
 
-    m_i = x_i - anchor + e_i          e_i <- m_i - decode(encode(m_i))
-    x   = anchor + mean_i decode(encode(m_i));  anchor <- x
+    m_i = x_i - anchor + e_i          e_i <- m_i - Q(m_i)
+    x   = anchor + Q'(mean_i Q(m_i));  anchor <- x
 
 Example::
 
@@ -26,6 +54,13 @@ Example::
     16
     >>> codec.decode(codec.encode(x), x.numel())
     tensor([ 0.5039, -1.0000,  0.2520,  0.0000,  3.0000,  3.0000, -3.0000,  1.5118])
+    >>> part_numels(codec, 9, parts=2)  # 3 scale chunks over 2 parts: 2 chunks, then the rest
+    [8, 1]
+    >>> parts = encode_parts(codec, torch.arange(9.0), parts=2)
+    >>> [p.numel() for p in parts]      # 8 int8 values + 2 scales, 1 + 1; codec.nbytes(9) == 21
+    [16, 5]
+    >>> decode_parts(codec, parts, [8, 1])
+    tensor([0.0000, 0.9921, 2.0079, 3.0000, 4.0236, 5.0157, 6.0079, 7.0000, 8.0000])
 """
 
 from __future__ import annotations
@@ -53,6 +88,11 @@ class Bf16Codec:
     def nbytes(self, numel: int) -> int:
         return 2 * numel
 
+    def part_numel(self, numel: int, parts: int) -> int:
+        """Elements in each of ``parts`` consecutive parts of a ``numel``-element message (the last
+        ones shorter): whole parts fill every rank's but the last ones'."""
+        return math.ceil(numel / parts)
+
     def encode(self, flat: Tensor) -> Tensor:
         return flat.to(torch.bfloat16).view(torch.uint8)
 
@@ -69,6 +109,11 @@ class Int8Codec:
 
     def nbytes(self, numel: int) -> int:
         return numel + 4 * math.ceil(numel / self.chunk)
+
+    def part_numel(self, numel: int, parts: int) -> int:
+        """Elements in each of ``parts`` consecutive parts of a ``numel``-element message (the last
+        ones shorter): a whole number of scale chunks, so the parts' scales are the whole message's."""
+        return math.ceil(math.ceil(numel / self.chunk) / parts) * self.chunk
 
     def _chunks(self, flat: Tensor) -> Tensor:
         pad = (-flat.numel()) % self.chunk
@@ -91,6 +136,29 @@ class Int8Codec:
             q = q.clamp(min=0.5)  # never zero: a second moment of 0 would divide by eps
         x = (q * scale.view(-1, 1)).view(-1)[:numel]
         return x.square() if self.non_negative else x
+
+
+def part_numels(codec: Any, numel: int, parts: int) -> list[int]:
+    """The elements of each of the ``parts`` consecutive parts a ``numel``-element message is cut into:
+    ``codec.part_numel(numel, parts)`` each, the last ones shorter or empty."""
+    size = codec.part_numel(numel, parts)
+    return [max(0, min(size, numel - j * size)) for j in range(parts)]
+
+
+def encode_parts(codec: Any, message: Tensor, parts: int) -> list[Tensor]:
+    """``message`` cut into the parts of :func:`part_numels`, each encoded alone (uint8; an empty part
+    encodes to nothing). Their lengths add up to ``codec.nbytes(message.numel())``."""
+    out, offset = [], 0
+    for numel in part_numels(codec, message.numel(), parts):
+        part = message[offset : offset + numel]
+        out.append(codec.encode(part) if numel else torch.empty(0, dtype=torch.uint8, device=message.device))
+        offset += numel
+    return out
+
+
+def decode_parts(codec: Any, encodings: Sequence[Tensor], numels: Sequence[int]) -> Tensor:
+    """The float32 concatenation of the decoded ``encodings``, one per part of ``numels`` elements."""
+    return torch.cat([codec.decode(e, n) for e, n in zip(encodings, numels) if n])
 
 
 def make_codec(wire: str, key: str, chunk: int = 256):
@@ -149,6 +217,9 @@ class CompressedCategory:
         return m
 
     def remember(self, sent: Tensor, decoded_own: Tensor, result: Tensor) -> None:
+        """Keep what encoding left out of this rank's message ``sent``: ``decoded_own`` is what the
+        other ranks decoded of it (the first encoding; the second one, of the mean, is common to all
+        ranks and reaches the next message through the anchor, which ``result`` becomes)."""
         if self.delta:
             self.residual = sent - decoded_own
 

@@ -1,8 +1,12 @@
 """Averaging on real gloo processes: the mean over ranks, in one round, bytes counted per category."""
 
-import torch
+import time
+import weakref
 
-from lightning_desloc.averaging import average_, broadcast_
+import torch
+import torch.distributed as dist
+
+from lightning_desloc.averaging import DEFAULT_BUCKET_CAP_BYTES, average_, broadcast_, start_average_round
 from lightning_desloc.ledger import CommLedger
 
 from helpers import run_on_processes
@@ -57,3 +61,144 @@ def test_broadcast_copies_source_rank(tmp_path):
         assert torch.equal(got["tensors"][0], torch.full((4,), 1.0))
         assert torch.equal(got["tensors"][1], torch.full((2, 2), 11.0, dtype=torch.float64))
         assert got["ledger"]["bytes"] == {"setup": 16 + 32}
+
+
+# --------------------------------------------------------------------------- bfloat16/float16: summed in float32
+def low_precision_tensors(rank):
+    """bfloat16 values in [1, 2) (a bfloat16 running sum over 4 ranks rounds their last bits away) in
+    tensors of odd sizes (every bucket is padded to a multiple of the world), and float16 values near
+    30000 (4 of them overflow float16, whose largest finite value is 65504)."""
+    g = torch.Generator().manual_seed(300 + rank)
+    bf16 = [(1 + torch.rand(n, generator=g)).to(torch.bfloat16) for n in (1001, 37, 64, 3)]
+    fp16 = [torch.full((5,), 30000.0 + 32 * rank, dtype=torch.float16)]  # mean 30048: a float16 value
+    return {"params": bf16, "state/exp_avg": fp16}
+
+
+def _low_precision_worker(rank, world, out_dir):
+    ledgers, results = {}, {}
+    for cap in (DEFAULT_BUCKET_CAP_BYTES, 128):
+        tensors = low_precision_tensors(rank)
+        ledger = CommLedger()
+        average_(tensors, ledger, bucket_cap_bytes=cap)
+        results[cap], ledgers[cap] = tensors, ledger.state_dict()
+    # the overlapped path: snapshots and means of the same buckets, the tensors left as they are
+    tensors = low_precision_tensors(rank)
+    buckets, works, _, calls = start_average_round(tensors, world, None, 128)
+    for work in works:
+        work.wait()
+    torch.save({"results": results, "ledgers": ledgers, "untouched": tensors, "buckets": buckets,
+                "overlap_calls": calls}, f"{out_dir}/lp{rank}.pt")
+
+
+def test_bf16_and_fp16_buckets_are_summed_in_float32_and_rounded_once(tmp_path):
+    world = 4
+    run_on_processes(_low_precision_worker, world, str(tmp_path))
+    per_rank = [low_precision_tensors(r) for r in range(world)]
+    # the float32 sum of 4 values in [1, 2) with 8 significant bits is exact, and so is the division by 4:
+    # the mean must be the exact mean rounded to bfloat16 once (a bfloat16 sum is off by an ulp or more)
+    expected = {cat: [torch.stack([per_rank[r][cat][i].double() for r in range(world)]).mean(0).to(t.dtype)
+                      for i, t in enumerate(ts)] for cat, ts in per_rank[0].items()}
+    assert torch.equal(expected["state/exp_avg"][0], torch.full((5,), 30048.0, dtype=torch.float16))
+    for rank in range(world):
+        got = torch.load(tmp_path / f"lp{rank}.pt")
+        for cap, tensors in got["results"].items():
+            for cat, ts in tensors.items():
+                for t, want in zip(ts, expected[cat]):
+                    assert torch.equal(t, want), (rank, cap, cat)
+        # bytes: the tensors' own (2 bytes per element), once; calls: 2 collectives per bucket
+        # (default cap: one bf16 and one fp16 bucket; 128 bytes: [1001], [37], [64], [3] and the fp16 one)
+        for cap, buckets in ((DEFAULT_BUCKET_CAP_BYTES, 2), (128, 5)):
+            ledger = got["ledgers"][cap]
+            assert ledger["bytes"] == {"params": 2 * (1001 + 37 + 64 + 3), "state/exp_avg": 10}
+            assert (ledger["rounds"], ledger["calls"]) == (1, 2 * buckets)
+        # the overlapped path gets the same means, leaves the tensors alone and keeps each snapshot
+        assert got["overlap_calls"] == 2 * 5
+        for cat, ts in got["untouched"].items():
+            assert all(torch.equal(t, mine) for t, mine in zip(ts, per_rank[rank][cat]))
+            for (snapshot, mean), t, want in zip(got["buckets"][cat], per_rank[rank][cat], expected[cat]):
+                assert torch.equal(snapshot, t.reshape(-1)) and torch.equal(mean, want.reshape(-1))
+
+
+# --------------------------------------------------------------------------- the pipeline: two buckets at a time
+class LiveFlats:
+    """Wraps the collectives that start a bucket (``all_reduce``, ``all_to_all_single``) in this process
+    (they still run) and, each time one is issued, counts the flat buffers handed to them that are still
+    alive: the new one, the ones whose work has not been waited for, and any the round keeps after the
+    wait. A tensor's Python object lives as long as anything, a pending work included, holds it, so a weak
+    reference dies with the buffer; gloo's threads let go of a finished work a moment after ``wait``
+    returns, so a waited buffer is given up to a second to die before it counts."""
+
+    FIRST = {"all_reduce": 0, "all_to_all_single": 1}  # collective -> position of the flat it is handed
+
+    def __init__(self):
+        self.flats, self.waited, self.most, self.originals = [], set(), 0, {}
+
+    def _alive(self):
+        deadline = time.monotonic() + 1.0
+        while any(self.flats[i]() is not None for i in self.waited) and time.monotonic() < deadline:
+            time.sleep(0.001)
+        return sum(ref() is not None for ref in self.flats)
+
+    def _wrap(self, position, original):
+        def counted(*args, **kwargs):
+            index = len(self.flats)
+            self.flats.append(weakref.ref(args[position]))
+            self.most = max(self.most, self._alive())
+            return _WaitRecorded(original(*args, **kwargs), lambda: self.waited.add(index))
+        return counted
+
+    def __enter__(self):
+        for name, position in self.FIRST.items():
+            self.originals[name] = getattr(dist, name)
+            setattr(dist, name, self._wrap(position, self.originals[name]))
+        return self
+
+    def __exit__(self, *exc):
+        for name, original in self.originals.items():
+            setattr(dist, name, original)
+
+
+class _WaitRecorded:
+    """A work handle that reports its ``wait``."""
+
+    def __init__(self, work, on_wait):
+        self.work, self.on_wait = work, on_wait
+
+    def wait(self):
+        self.work.wait()
+        self.on_wait()
+
+
+def pipeline_tensors(rank):
+    """Eight float32 tensors of 256 bytes and six bfloat16 ones of 128: with a 256-byte cap, eight
+    float32 buckets and three bfloat16 ones."""
+    g = torch.Generator().manual_seed(500 + rank)
+    return {"params": [torch.randn(64, generator=g) for _ in range(8)],
+            "state/exp_avg": [torch.randn(64, generator=g).to(torch.bfloat16) for _ in range(6)]}
+
+
+def _pipeline_worker(rank, world, out_dir):
+    one_bucket = pipeline_tensors(rank)
+    average_(one_bucket, bucket_cap_bytes=DEFAULT_BUCKET_CAP_BYTES)
+    tensors, ledger = pipeline_tensors(rank), CommLedger()
+    with LiveFlats() as live:
+        average_(tensors, ledger, bucket_cap_bytes=256)
+    torch.save({"tensors": tensors, "one_bucket": one_bucket, "most_live": live.most, "n_flats": len(live.flats),
+                "calls": ledger.calls}, f"{out_dir}/pipe{rank}.pt")
+
+
+def test_a_round_holds_at_most_two_flat_buckets(tmp_path):
+    world = 2
+    run_on_processes(_pipeline_worker, world, str(tmp_path))
+    per_rank = [pipeline_tensors(r) for r in range(world)]
+    for rank in range(world):
+        got = torch.load(tmp_path / f"pipe{rank}.pt")
+        # packing every bucket before the first wait would hold all 11 at the last issue
+        assert got["most_live"] == 2, got["most_live"]
+        assert got["n_flats"] == 8 + 3 and got["calls"] == 8 + 2 * 3
+        # the same values as in one bucket per dtype (bit for bit: a 2-rank sum does not depend on order)
+        for cat, ts in got["tensors"].items():
+            for i, t in enumerate(ts):
+                assert torch.equal(t, got["one_bucket"][cat][i])
+                want = torch.stack([per_rank[r][cat][i].double() for r in range(world)]).mean(0).to(t.dtype)
+                assert torch.equal(t, want) if t.dtype == torch.bfloat16 else torch.allclose(t, want.float())

@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from lightning_desloc.averaging import average_
 from lightning_desloc.compression import Bf16Codec, CompressionPlan, Int8Codec, parse_compression
@@ -23,6 +24,33 @@ def int8_by_hand(x, chunk):
         scale = max(abs(v) for v in part) / 127
         out += [0.0 if scale == 0 else max(-127, min(127, round(v / scale))) * scale for v in part]
     return torch.tensor(out)
+
+
+def int8_round_trip(x, chunk, non_negative=False):
+    """decode(encode(x)) for int8, re-derived in float32 torch: per chunk of ``chunk`` elements (the last
+    one zero padded) ``s = max|y| / 127``, ``q = round(y / s)``, value ``q * s``; for a non-negative
+    state ``y = sqrt(x)``, ``q >= 1/2`` and the value squared."""
+    y = x.clamp(min=0).sqrt() if non_negative else x
+    blocks = torch.cat([y, y.new_zeros(-y.numel() % chunk)]).view(-1, chunk)
+    scale = blocks.abs().amax(dim=1, keepdim=True) / 127
+    q = torch.where(scale > 0, blocks / scale, 0.0).round().clamp(-127, 127)
+    if non_negative:
+        q = q.clamp(min=0.5)
+    out = (q * scale).view(-1)[: x.numel()]
+    return out.square() if non_negative else out
+
+
+def bf16_round_trip(x):
+    return x.to(torch.bfloat16).float()
+
+
+def coded_mean(messages, round_trip):
+    """The coded round's mean: every message rounded by the codec, added in float32 in rank order,
+    divided by M, and that mean rounded by the codec again (the mean parts travel encoded too)."""
+    total = round_trip(messages[0]).clone()
+    for m in messages[1:]:
+        total += round_trip(m)
+    return round_trip(total / len(messages))
 
 
 def test_int8_codec_matches_hand_quantisation_and_byte_count():
@@ -100,21 +128,104 @@ def test_compressed_round_on_real_processes(tmp_path):
     for round_ in range(2):
         xs = [rank_values(r + 10 * round_)[0] for r in range(world)]
         vs = [rank_values(r + 10 * round_)[1] for r in range(world)]
-        # bf16 state: the mean of bfloat16-rounded values
-        expected_v = sum(v.to(torch.bfloat16).float() for v in vs) / world
-        torch.testing.assert_close(got[0]["results"][round_][1], expected_v)
-        # int8 params: anchor + mean of quantised (delta + residual), residual carried to the next round
+        # bf16 state: the mean of bfloat16-rounded values, itself rounded to bfloat16
+        expected_v = coded_mean(vs, bf16_round_trip)
+        torch.testing.assert_close(got[0]["results"][round_][1], expected_v, rtol=0, atol=0)
+        # int8 params: anchor + the coded mean of (delta + residual), residual carried to the next round
         messages = [x - anchor + e for x, e in zip(xs, residual)]
-        quantised = [int8_by_hand(m, 32) for m in messages]
-        expected_x = anchor + sum(quantised) / world
-        torch.testing.assert_close(got[0]["results"][round_][0], expected_x, rtol=1e-5, atol=1e-6)
-        residual = [m - q for m, q in zip(messages, quantised)]
+        expected_x = anchor + coded_mean(messages, lambda m: int8_round_trip(m, 32))
+        torch.testing.assert_close(got[0]["results"][round_][0], expected_x, rtol=1e-6, atol=1e-7)
+        residual = [m - int8_round_trip(m, 32) for m in messages]
         anchor = expected_x
         # and it is close to the exact mean
         assert (expected_x - sum(xs) / world).abs().max() < 0.05
     ledger = got[0]["ledger"]
     assert ledger["bytes"] == {"params": 2 * (300 + 4 * math.ceil(300 / 32)), "state/exp_avg_sq": 2 * 600}
     assert ledger["rounds"] == 2
+
+
+CODED_WIRES = {"params": "int8", "exp_avg": "bf16", "exp_avg_sq": "int8"}
+CODED_CHUNK = 32
+
+
+def coded_values(rank, round_):
+    """Per rank and round: int8 parameters of 35 + 265 elements (10 scale chunks of 32, the last one
+    partial), a bf16 first moment of 3 elements and an int8 second moment of 40 (with 4 ranks some parts
+    are all padding)."""
+    g = torch.Generator().manual_seed(1000 * round_ + rank)
+    params = [torch.randn(5, 7, generator=g), torch.randn(265, generator=g) * 3]
+    return {"params": params, "state/exp_avg": [torch.randn(3, generator=g)],
+            "state/exp_avg_sq": [torch.rand(40, generator=g) ** 4]}
+
+
+def _coded_rounds(group, rounds):
+    """``rounds`` coded rounds of :func:`coded_values` over ``group``: per round, what this rank ends with."""
+    rank = dist.get_rank(group)
+    snapshot = ConsensusSnapshot()  # the core's consensus snapshot, held by the test here
+    plan = CompressionPlan(wires=dict(CODED_WIRES), chunk=CODED_CHUNK, anchor=snapshot)
+    snapshot.take([torch.zeros(300)])  # equal on every rank, as after the setup broadcast
+    ledger, history = CommLedger(), []
+    for round_ in range(rounds):
+        tensors = coded_values(rank, round_)
+        average_(tensors, ledger, group=group, compression=plan)
+        snapshot.take(tensors["params"])  # as the core does after every parameter average
+        history.append({"tensors": tensors, "residual": plan.categories["params"].residual.clone(),
+                        "anchor": snapshot.flat.clone()})
+    return {"history": history, "ledger": ledger.state_dict()}
+
+
+def _coded_worker(rank, world, out_dir, rounds):
+    # two groups of 2 ranks side by side, then all 4 ranks: both sizes in one set of processes
+    pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+    runs = {2: _coded_rounds(pairs[rank // 2], rounds), 4: _coded_rounds(None, rounds)}
+    torch.save(runs, f"{out_dir}/coded{rank}.pt")
+
+
+def flat(ts):
+    return torch.cat([t.reshape(-1) for t in ts])
+
+
+def check_coded_rounds(got, rounds):
+    """``got``: per rank of one group, what :func:`_coded_rounds` returned; checked against the reference."""
+    world = len(got)
+    anchor, residual = torch.zeros(300), [torch.zeros(300) for _ in range(world)]
+    for round_ in range(rounds):
+        sent = [coded_values(r, round_) for r in range(world)]
+        # int8 parameters: the change since the anchor plus this rank's residual
+        messages = [flat(s["params"]) - anchor + e for s, e in zip(sent, residual)]
+        want = {"params": anchor + coded_mean(messages, lambda m: int8_round_trip(m, CODED_CHUNK)),
+                "state/exp_avg": coded_mean([flat(s["state/exp_avg"]) for s in sent], bf16_round_trip),
+                "state/exp_avg_sq": coded_mean([flat(s["state/exp_avg_sq"]) for s in sent],
+                                               lambda v: int8_round_trip(v, CODED_CHUNK, non_negative=True))}
+        residual = [m - int8_round_trip(m, CODED_CHUNK) for m in messages]
+        for rank in range(world):
+            step = got[rank]["history"][round_]
+            for cat, expected in want.items():
+                result = flat(step["tensors"][cat])
+                # every rank applies the same bytes: bit-identical to rank 0
+                assert torch.equal(result, flat(got[0]["history"][round_]["tensors"][cat])), (world, rank, cat)
+                torch.testing.assert_close(result, expected, rtol=1e-6, atol=1e-7, msg=f"{world} {rank} {cat}")
+            # error feedback: what the first encoding left out of this rank's own message
+            torch.testing.assert_close(step["residual"], residual[rank], rtol=1e-6, atol=1e-7)
+            assert torch.equal(step["anchor"], got[0]["history"][round_]["anchor"])
+        anchor = want["params"]
+        # and the consensus stays within a quantisation step or two of the exact mean, round after round
+        exact = sum(flat(s["params"]) for s in sent) / world
+        assert (anchor - exact).abs().max() < 0.1
+    nbytes = lambda n: n + 4 * math.ceil(n / CODED_CHUNK)  # noqa: E731  int8 values + float32 scales
+    ledger = got[0]["ledger"]
+    assert ledger["bytes"] == {"params": rounds * nbytes(300), "state/exp_avg": rounds * 2 * 3,
+                               "state/exp_avg_sq": rounds * nbytes(40)}
+    assert (ledger["rounds"], ledger["calls"]) == (rounds, 2 * rounds)  # one all-to-all, one all-gather
+
+
+def test_coded_reduce_scatter_on_2_and_4_processes_matches_reference_on_every_rank(tmp_path):
+    rounds = 3
+    run_on_processes(_coded_worker, 4, str(tmp_path), rounds)
+    got = [torch.load(tmp_path / f"coded{r}.pt") for r in range(4)]
+    check_coded_rounds([got[0][2], got[1][2]], rounds)
+    check_coded_rounds([got[2][2], got[3][2]], rounds)
+    check_coded_rounds([g[4] for g in got], rounds)
 
 
 class ParamsAfterSync(Regression):
