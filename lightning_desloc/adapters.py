@@ -4,7 +4,9 @@
   :class:`~lightning_desloc.config.DeslocConfig` -> a :class:`~lightning_desloc.sync.DeslocSync`;
 * :class:`MeteredCollectives`: every collective Lightning or the user asks the strategy for goes into
   the core's ledger (through its :class:`~lightning_desloc.comm.Comm`);
-* closing gloo when a worker ends (:func:`close_process_group`, :func:`close_process_group_at_exit`).
+* closing gloo when a worker ends (:func:`close_process_group`, :func:`close_process_group_at_exit`);
+* the liveness watch of :mod:`lightning_desloc.liveness` (``peer_timeout_s``): started with the process
+  group (``setup_environment``), stopped by :func:`stop_watching_peers` (teardown) or at the exit.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch.distributed as dist
 from lightning.fabric.utilities.rank_zero import rank_zero_info
 from torch import Tensor
 
+from lightning_desloc import liveness
 from lightning_desloc.config import DeslocConfig
 from lightning_desloc.ledger import CommLedger
 from lightning_desloc.sync import DeslocSync
@@ -73,6 +76,9 @@ class MeteredCollectives:
         # Lightning broadcasts before the strategy's setup (ModelCheckpoint.setup, the log dir): the
         # control tensors must already be on the rank's device, NCCL rejects CPU tensors
         self.core.comm.device = self.root_device  # type: ignore[attr-defined]
+        # here rather than in setup: the user's setup hooks run in between, and a rank dying there must
+        # not leave the others waiting in their first collective
+        liveness.watch_process_group(self.core.config.peer_timeout_s)
 
     def _meter(self, tensor: Any) -> None:
         if isinstance(tensor, Tensor):
@@ -107,6 +113,7 @@ def close_process_group(timeout_s: float = 30.0) -> None:
     """End of a spawned/forked worker: wait (at most ``timeout_s`` seconds) for every rank, then close
     gloo. Without it gloo's background threads can abort the interpreter at exit ("terminate called
     without an active exception")."""
+    liveness.stop_watching(left=True)  # a normal end: peers must not take this rank's silence for a death
     if dist.is_available() and dist.is_initialized():
         with suppress(Exception):
             _wait_for_every_rank(timeout_s)
@@ -122,6 +129,13 @@ def mark_failed() -> None:
     for the other ranks, one of which may be blocked in a collective this rank will never join."""
     global _failed
     _failed = True
+
+
+def stop_watching_peers() -> None:
+    """End of a strategy's stage (its ``teardown``): stop the liveness watch of
+    :mod:`lightning_desloc.liveness`. After a normal end this rank says ``left``; after
+    :func:`mark_failed` it stays silent, so that its peers stop waiting for it within ``peer_timeout_s``."""
+    liveness.stop_watching(left=not _failed)
 
 
 def close_process_group_at_exit(timeout_s: float = 30.0) -> None:
@@ -140,9 +154,12 @@ def close_process_group_at_exit(timeout_s: float = 30.0) -> None:
 
 
 def _close_at_exit(timeout_s: float) -> None:
+    failing = _failed or getattr(sys, "last_value", None) is not None  # set by an uncaught exception
+    # a watch still running (Fabric has no teardown) ends before the wait below, which it would otherwise
+    # see as this rank's silence; its last store request comes before this rank counts itself out
+    liveness.stop_watching(left=not failing)
     if not (dist.is_available() and dist.is_initialized()):
         return  # never initialised, or already closed (spawned workers)
-    failing = _failed or getattr(sys, "last_value", None) is not None  # set by an uncaught exception
     if not failing:
         with suppress(Exception):  # a peer gone (its store with it) or stuck: close this rank's side anyway
             _wait_for_every_rank(timeout_s)

@@ -4,9 +4,7 @@ Between averages every rank holds its own parameters and optimizer states, so on
 "the" model. A save therefore writes two things:
 
 * the **main file** at the path the user asked for: an ordinary Lightning checkpoint whose
-  ``state_dict`` and ``optimizer_states`` hold the *consensus*, the mean over ranks at that moment of
-  the parameters, the floating buffers and every averaged optimizer state (counters such as ``step``
-  and integer buffers are rank 0's: they are equal on every rank). Plain Lightning and
+  ``state_dict`` and ``optimizer_states`` hold the *consensus* (defined below). Plain Lightning and
   ``LightningModule.load_from_checkpoint`` read it without this package. A ``"desloc"`` entry of plain
   values (ints, strings, lists, dicts) records the schedule position and which shards belong to it;
 * **shards** in a sibling directory ``<main file>.shards/<save id>/``: ``rank-00000.pt``, ... with
@@ -14,17 +12,47 @@ Between averages every rank holds its own parameters and optimizer states, so on
   ``manifest.json`` (world size, step, SHA-256 and size of every shard and of the main file, model
   fingerprint).
 
-The consensus is computed on copies (the ranks' live state is never touched) in one coalesced
-all-reduce round recorded in the strategy's ledger as category ``"checkpoint"``.
+**The consensus** is the model every rank would hold after the final consensus of a fit
+(:meth:`DeslocSync.reach_consensus <lightning_desloc.sync.DeslocSync.reach_consensus>`) at the moment
+of the save:
 
-Writes are atomic: every file is written to a temporary name in its final directory, flushed,
-``fsync``-ed and moved into place with ``os.replace``. Shards of a new save go to a fresh ``<save id>``
-directory; the main file, written last by rank 0, is the commit point, and only after it is in place
-are older save directories beside it deleted. A crash anywhere in a save leaves the previous main
-file and the shards it names intact.
+* every floating tensor of the module state dicts (parameters, floating buffers) is the mean over
+  ranks; with ``outer_lr`` set and the parameters not in sync, the parameters of the (one) optimizer
+  then get the outer step applied to that mean, computed on copies
+  (:meth:`OuterOptimizer.peek <lightning_desloc.outer.OuterOptimizer.peek>`): so a ``last.ckpt`` saved
+  before the end of fit equals the model fit returns. ``desloc.consensus_core`` then holds the outer
+  optimizer's state after that step (new global parameters, new momentum), which a resume on the
+  consensus path starts from; ``desloc.core`` holds the live state, which the local path continues;
+* every averaged optimizer state (``exp_avg``, ``exp_avg_sq``, ``momentum_buffer``, ...) is the mean
+  over ranks (no outer step acts on states);
+* counters (``step``), integer buffers and everything else are rank 0's: equal on every rank.
 
-On resume (``trainer.fit(ckpt_path=...)``) every rank reads the main file and checks its own shard;
-the ranks then agree, in one small all-gather, on one of two paths:
+**What a save sends.** Nothing for what is equal on every rank right now: the module tensors when
+:attr:`~lightning_desloc.sync.DeslocSync.params_in_sync`, the state keys in
+:meth:`~lightning_desloc.sync.DeslocSync.states_in_sync` (averaged by the round right after the last
+step), the parameters frozen since setup (:meth:`~lightning_desloc.sync.DeslocSync.is_frozen`), and,
+during consensus validation, the module tensors (they hold the mean already; the strategy passes them
+as ``module_means``). A save right after a round that averaged everything sends no checkpoint byte. The
+rest is reduced to rank 0 alone (:meth:`Comm.reduce_mean_to_ <lightning_desloc.comm.Comm.reduce_mean_to_>`:
+a sum, divided on rank 0) bucket by bucket, at most two buckets of ``bucket_cap_bytes`` in flight, each
+bucket's mean copied to host memory (pinned for CUDA tensors) as it lands: the extra device memory is
+about two buckets, not a model size. Bytes are recorded in the ledger as category ``"checkpoint"``.
+Module state-dict entries are matched to the live tensors by storage (data pointer, size, dtype,
+shape), so a tied weight with two names is sent once; optimizer state dicts hold the live state
+tensors, indexed by parameter position. The ranks' live state is never changed.
+
+Writes stream and are atomic: ``torch.save`` writes each file straight into a temporary name in its
+final directory through a small wrapper that hashes (SHA-256) and counts the bytes on the way (no copy
+of the file in memory); it is flushed, ``fsync``-ed and moved into place with ``os.replace``. Shards of a
+new save go to a fresh ``<save id>`` directory; the main file, written last by rank 0 (its temporary
+first, then the manifest that records its checksum, then the rename), is the commit point, and only after
+it is in place are older save directories beside it deleted. A crash anywhere in a save leaves the
+previous main file and the shards it names intact.
+
+On resume (``trainer.fit(ckpt_path=...)``) every rank reads the main file and checks its own shard
+(SHA-256 read in chunks; files load with ``torch.load(..., mmap=True)``: tensors are read from the page
+cache as they are used, not copied into memory first); the ranks then agree, in one small all-gather,
+on one of two paths:
 
 * **local**: same world size and every shard present and valid: each rank restores its own state and
   RNG; the run continues exactly as if it had not stopped;
@@ -36,12 +64,20 @@ flips, truncation) raises :class:`CheckpointShardError` naming it, on every rank
 loaded. A truncated, corrupt (checksum mismatch) or foreign shard raises :class:`CheckpointShardError` on every
 rank, unless the strategy was built with ``allow_consensus_fallback=True``, which takes the consensus
 path with a warning instead. See ``docs/checkpointing.md``.
+
+Example: the streaming writer hashes what ``torch.save`` writes through it::
+
+    >>> import hashlib, io
+    >>> sink = io.BytesIO()
+    >>> writer = HashingWriter(sink)
+    >>> torch.save({"w": torch.ones(3)}, writer)
+    >>> writer.nbytes == len(sink.getvalue()), writer.sha256 == hashlib.sha256(sink.getvalue()).hexdigest()
+    (True, True)
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import random
@@ -142,35 +178,129 @@ def _fsync_dir(directory: str) -> None:
             os.close(fd)
 
 
-def atomic_write(path: str, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that ``path`` is either its old content or all of ``data``."""
+#: bytes read at a time when a file is hashed on resume (the whole file is never held in memory)
+HASH_CHUNK_BYTES = 16 * 2**20
+
+
+class HashingWriter:
+    """A write-only file object for ``torch.save``: passes every byte on to ``file`` and keeps their
+    SHA-256 (:attr:`sha256`, hex) and count (:attr:`nbytes`), so that a file is hashed as it is written.
+
+    ``on_first_write`` is called once, right after the first bytes went through (flushed to the file):
+    a crash there leaves a partly written file (the fault tests' "write" point)."""
+
+    def __init__(self, file: Any, on_first_write: Optional[Callable[[], None]] = None) -> None:
+        self.file = file
+        self.nbytes = 0
+        self._hash = hashlib.sha256()
+        self._on_first_write = on_first_write
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data)
+        self._hash.update(view)
+        self.nbytes += view.nbytes
+        written = self.file.write(view)
+        if self._on_first_write is not None:
+            hook, self._on_first_write = self._on_first_write, None
+            self.file.flush()
+            hook()
+        return written
+
+    def flush(self) -> None:
+        self.file.flush()
+
+    @property
+    def sha256(self) -> str:
+        return self._hash.hexdigest()
+
+
+def _temp_name(path: str) -> str:
     directory = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    return os.path.join(directory, f".{os.path.basename(path)}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def _write_temp(path: str, write: Callable[[HashingWriter], None]) -> tuple[str, str, int]:
+    """Write a new version of ``path`` under a temporary name in the same directory (so that the rename
+    that commits it stays on one filesystem), flushed and ``fsync``-ed: ``(temp path, SHA-256, bytes)``.
+    ``write`` gets the hashing file object. The temporary file is removed if anything fails."""
+    tmp = _temp_name(path)
     try:
         with open(tmp, "wb") as f:
-            view = memoryview(data)
-            half = len(view) // 2
-            f.write(view[:half])
-            _fault_point("write", path)
-            f.write(view[half:])
+            writer = HashingWriter(f, on_first_write=lambda: _fault_point("write", path))
+            write(writer)
             f.flush()
             os.fsync(f.fileno())
+    except BaseException:
+        with suppress(OSError):
+            os.remove(tmp)
+        raise
+    return tmp, writer.sha256, writer.nbytes
+
+
+def _commit(tmp: str, path: str) -> None:
+    """Move a finished temporary file into place: ``path`` is its old content or all of the new one."""
+    try:
         os.replace(tmp, path)
     except BaseException:
         with suppress(OSError):
             os.remove(tmp)
         raise
-    _fsync_dir(directory)
+    _fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 
-def _to_bytes(obj: Any) -> bytes:
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    return buf.getvalue()
+def atomic_save(path: str, obj: Any) -> tuple[str, int]:
+    """``torch.save(obj)`` to ``path`` atomically, streamed: ``(SHA-256, bytes)`` of the file written."""
+    tmp, digest, nbytes = _write_temp(path, lambda f: torch.save(obj, f))
+    _commit(tmp, path)
+    return digest, nbytes
+
+
+def atomic_write(path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that ``path`` is either its old content or all of ``data``."""
+    _commit(_write_temp(path, lambda f: f.write(data))[0], path)
 
 
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def file_digest(path: str) -> tuple[str, int]:
+    """SHA-256 (hex) and size in bytes of the file at ``path``, read in chunks of :data:`HASH_CHUNK_BYTES`."""
+    digest, nbytes = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        while chunk := f.read(HASH_CHUNK_BYTES):
+            digest.update(chunk)
+            nbytes += len(chunk)
+    return digest.hexdigest(), nbytes
+
+
+def torch_load(path: str, **kwargs: Any) -> Any:
+    """``torch.load(path, mmap=True, **kwargs)``: the storages are mapped from the file (``MAP_PRIVATE``:
+    writing to a loaded tensor never changes the file) rather than read into memory first. Memory mapping
+    needs a path and torch's zipfile format, which ``torch.save`` writes by default and this module
+    always; a file in the legacy format loads without it."""
+    try:
+        return torch.load(path, mmap=True, **kwargs)
+    except RuntimeError as err:
+        if "mmap can only be used with files saved with" not in str(err):
+            raise
+        return torch.load(path, **kwargs)
+
+
+def main_loader(checkpoint_io: Any, weights_only: Optional[bool] = None) -> Callable[[str], dict[str, Any]]:
+    """How the strategies read a main file: with Lightning's default ``TorchCheckpointIO`` a local file is
+    memory-mapped (:func:`torch_load`, tensors on the CPU as that plugin loads them); any other
+    ``CheckpointIO`` (remote storage, a user's plugin) loads it its own way."""
+    from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+
+    def load(path: str) -> dict[str, Any]:
+        if type(checkpoint_io) is not TorchCheckpointIO or "://" in str(path):
+            return checkpoint_io.load_checkpoint(path, weights_only=weights_only)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"Checkpoint file not found: {path}")
+        return torch_load(str(path), map_location=lambda storage, loc: storage, weights_only=weights_only)
+
+    return load
 
 
 def model_fingerprint(module: Any) -> str:
@@ -211,53 +341,230 @@ def _restore_rng(state: dict[str, Any]) -> None:
 
 
 # ----------------------------------------------------------------------------------------- saving
-def consensus_copies(core: "DeslocSync", checkpoint: dict[str, Any], layout: Layout = Layout()) -> dict[str, Any]:
-    """A copy of ``checkpoint`` whose module and optimizer state dicts have every averaged tensor replaced
-    by its mean over ranks, in one coalesced round (ledger category ``"checkpoint"``). The input is not
-    modified; counters (``step``) and integer buffers stay as they are (equal on every rank)."""
-    tensors: list[Tensor] = []
+StorageKey = tuple[int, int, torch.dtype, tuple[int, ...]]
 
-    def copy(t: Tensor) -> Tensor:
-        c = t.detach().clone()
-        tensors.append(c)
-        return c
+
+def storage_key(t: Tensor) -> StorageKey:
+    """Which memory ``t`` is: a state dict's detached alias of a live tensor has the same data pointer,
+    size, dtype and shape (names do not identify it: a tied weight has two)."""
+    return (t.data_ptr(), t.numel(), t.dtype, tuple(t.shape))
+
+
+@dataclass
+class _Mean:
+    """One tensor of the main file: where its rank value is read, and where its consensus goes."""
+
+    #: this rank's value (``reduce``), or a tensor that already holds the mean over ranks
+    source: Tensor
+    reduce: bool
+    #: its offset in the outer step's flat parameters when the outer step applies to it, else ``None``
+    outer_offset: Optional[int]
+    #: ``(dict, key)`` places of the main file that get the consensus
+    places: list[tuple[dict, Any]] = field(default_factory=list)
+
+    def put(self, value: Tensor) -> None:
+        for container, key in self.places:
+            container[key] = value
+
+
+def _to_host(t: Tensor) -> Tensor:
+    """``t`` in host memory: itself on the CPU, else a copy in pinned memory (the copy waits for ``t``)."""
+    if t.device.type == "cpu":
+        return t
+    host = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=True)
+    host.copy_(t)
+    return host
+
+
+class _OuterPeek:
+    """The outer step applied, slice by slice, to the consensus parameters of the main file, gathering the
+    outer optimizer's state after it (new global parameters and momentum) in host memory on rank 0."""
+
+    def __init__(self, outer: Any, params: Sequence[Tensor]) -> None:
+        self.outer = outer
+        flat = outer.snapshot.flat
+        pinned = flat.device.type != "cpu"
+        # both in the snapshot's dtype, as the live ones (the momentum buffer starts as a clone of g); in
+        # host memory on purpose: they go into the main file, never into a collective
+        host = torch.device("cpu")
+        self.snapshot = torch.empty(flat.numel(), dtype=flat.dtype, device=host, pin_memory=pinned)
+        self.momentum = (torch.empty(flat.numel(), dtype=flat.dtype, device=host, pin_memory=pinned)
+                         if outer.momentum else None)
+        #: storage of each parameter -> its offset in the flat parameters; offset -> numel
+        self.offsets: dict[StorageKey, int] = {}
+        self.sizes: dict[int, int] = {}
+        offset = 0
+        for p in params:
+            self.offsets.setdefault(storage_key(p), offset)
+            self.sizes[offset] = p.numel()
+            offset += p.numel()
+        self.done: set[int] = set()
+
+    def apply_(self, mean: Tensor, offset: int) -> None:
+        """Overwrite ``mean`` (one parameter's mean over ranks) by the new global parameters."""
+        x_g, buffer = self.outer.peek(mean.reshape(-1), offset)
+        n = mean.numel()
+        self.snapshot[offset : offset + n].copy_(x_g)
+        if self.momentum is not None and buffer is not None:
+            self.momentum[offset : offset + n].copy_(buffer)
+        mean.copy_(x_g.view_as(mean))  # rounded to the parameter's dtype, as the live step copies it
+        self.done.add(offset)
+
+    def state_after(self) -> Optional["OuterState"]:
+        """The outer optimizer's state after the peeked step, or ``None`` when some parameter of the
+        optimizer was not in the checkpoint (its mean is unknown, so the new global parameters are too)."""
+        if set(self.sizes) - self.done:
+            return None
+        return OuterState(self.outer.name, self.snapshot, self.momentum)
+
+
+@dataclass
+class OuterState:
+    """The outer optimizer's state after the step :func:`consensus` applied to the main file's parameters:
+    the new global parameters (flat, the snapshot's dtype) and momentum buffer (``None`` without momentum),
+    on the host."""
+
+    option_name: str
+    snapshot: Tensor
+    momentum_buffer: Optional[Tensor]
+
+    def shared(self, shared: dict[str, Any]) -> dict[str, Any]:
+        """The core's shared state ``shared`` (:meth:`DeslocSync.state_dict`) with this state in place of
+        the outer optimizer's: what the core would save right after that step."""
+        options = {**(shared.get("options") or {}), self.option_name: {"momentum_buffer": self.momentum_buffer}}
+        return {**shared, "snapshot": {"flat": self.snapshot}, "options": options}
+
+
+def consensus(
+    core: "DeslocSync",
+    checkpoint: dict[str, Any],
+    layout: Layout = Layout(),
+    *,
+    modules: Sequence[Module] = (),
+    module_means: Optional[Mapping[str, Mapping[str, Tensor]]] = None,
+) -> tuple[dict[str, Any], Optional[OuterState]]:
+    """The main file's checkpoint (on rank 0; the other ranks get a dict they need not write) and, when the
+    outer step was applied to it, the outer optimizer's state after that step (else ``None``). Call on
+    every rank: the tensors that differ between ranks are reduced to rank 0 (see the module docstring).
+
+    ``checkpoint`` holds this rank's own values where ``layout`` says and is not modified; ``modules``
+    are the live modules (to recognise frozen parameters by storage); ``module_means`` maps a module key
+    of ``layout`` to a state dict whose floating tensors already hold the mean over ranks (the live
+    tensors during consensus validation)."""
+    comm = core.comm
+    distributed = comm.distributed
+    live: dict[StorageKey, Tensor] = {}
+    for t in [*(t for m in modules for t in (*m.parameters(), *m.buffers())),
+              *(p for opt in core.optimizers for g in opt.param_groups for p in g["params"])]:
+        live.setdefault(storage_key(t), t)
+    outer = None  # the outer step on the consensus: computed on rank 0, which alone writes the main file
+    if not core.params_in_sync and core.optimizers and comm.rank == 0:
+        from lightning_desloc.outer import OuterOptimizer
+
+        option = core.option(OuterOptimizer)
+        if option is not None and option.snapshot.flat is not None:
+            outer = _OuterPeek(option, [p for g in core.optimizers[0].param_groups for p in g["params"]])
+    means: dict[StorageKey, _Mean] = {}
+
+    def need(container: dict, name: Any, source: Tensor, reduce: bool, in_module: bool) -> None:
+        key = storage_key(source)
+        offset = outer.offsets.get(key) if outer is not None and in_module else None
+        mean = means.setdefault(key, _Mean(source, reduce, offset))
+        mean.places.append((container, name))
+        if not mean.reduce and mean.outer_offset is None:
+            container[name] = source  # equal on every rank (or already the mean): written as it is
 
     out = dict(checkpoint)
     for key in layout.modules:
-        if isinstance(checkpoint.get(key), Mapping):
-            out[key] = {k: copy(v) if isinstance(v, Tensor) and v.is_floating_point() else v
-                        for k, v in checkpoint[key].items()}
+        state_dict = checkpoint.get(key)
+        if not isinstance(state_dict, Mapping):
+            continue
+        out[key] = dict(state_dict)
+        if core.params_in_sync:
+            continue  # every module tensor is equal on every rank: the values as they are
+        given = (module_means or {}).get(key) or {}
+        for name, value in state_dict.items():
+            if not isinstance(value, Tensor) or not value.is_floating_point() or value.numel() == 0:
+                continue
+            if isinstance(given.get(name), Tensor):
+                need(out[key], name, given[name], reduce=False, in_module=True)
+                continue
+            match = live.get(storage_key(value))
+            frozen = match is not None and core.is_frozen(match)
+            need(out[key], name, value, reduce=distributed and not frozen, in_module=True)
     if layout.optimizer_list is not None and checkpoint.get(layout.optimizer_list) is not None:
         out[layout.optimizer_list] = list(checkpoint[layout.optimizer_list])
     for key, position, index in layout.optimizer_entries(checkpoint):
         osd = layout.get(checkpoint, key, position)
         params = [p for g in core.optimizers[index].param_groups for p in g["params"]] if index < len(core.optimizers) else []
-        state = {}
+        in_sync = core.states_in_sync(index)
+        state: dict[Any, Any] = {}
         for idx, per_param in osd.get("state", {}).items():
             p = params[idx] if isinstance(idx, int) and idx < len(params) else None
-            state[idx] = {k: copy(v) if is_averaged(k, v, p) else v for k, v in per_param.items()}
+            state[idx] = dict(per_param)
+            if not distributed or (p is not None and core.is_frozen(p)):
+                continue
+            for k, v in per_param.items():
+                if is_averaged(k, v, p) and v.numel() > 0 and k not in in_sync:
+                    need(state[idx], k, v, reduce=True, in_module=False)
         if position is None:
             out[key] = {**osd, "state": state}
         else:
             out[key][position] = {**osd, "state": state}
-    core.comm.average_({LEDGER_CATEGORY: tensors}, bucket_cap_bytes=core.bucket_cap_bytes)
-    return out
+
+    by_id = {id(m.source): m for m in means.values()}
+
+    def receive(bucket: Sequence[Tensor], flat: Tensor) -> None:
+        # on rank 0: the outer step on this bucket's parameters, on the device, then one copy to the host
+        offset, slices = 0, []
+        for t in bucket:
+            mean = by_id[id(t)]
+            segment = flat[offset : offset + t.numel()]
+            if outer is not None and mean.outer_offset is not None:
+                outer.apply_(segment, mean.outer_offset)
+            slices.append((mean, offset, t))
+            offset += t.numel()
+        host = _to_host(flat)
+        for mean, start, t in slices:
+            mean.put(host[start : start + t.numel()].view_as(t))
+
+    reduced = [m.source for m in means.values() if m.reduce]
+    comm.reduce_mean_to_(reduced, receive, dst=0, category=LEDGER_CATEGORY, bucket_cap_bytes=core.bucket_cap_bytes)
+    if outer is None:
+        return out, None
+    with torch.no_grad():
+        for mean in means.values():  # the means already in place: the outer step, one tensor at a time
+            if not mean.reduce and mean.outer_offset is not None:
+                value = mean.source.detach().clone()
+                outer.apply_(value, mean.outer_offset)
+                mean.put(_to_host(value))
+    return out, outer.state_after()
 
 
-def save(core: "DeslocSync", checkpoint: dict[str, Any], filepath: Any, layout: Layout = Layout()) -> None:
+def save(
+    core: "DeslocSync",
+    checkpoint: dict[str, Any],
+    filepath: Any,
+    layout: Layout = Layout(),
+    *,
+    modules: Sequence[Module] = (),
+    module_means: Optional[Mapping[str, Mapping[str, Tensor]]] = None,
+) -> None:
     """Write the consensus main file at ``filepath`` and this rank's shard beside it. Call on every rank.
 
-    ``checkpoint`` holds this rank's own values (where ``layout`` says); the main file gets their mean
-    and the core's shared state, the shard the values as they are and the core's local state."""
+    ``checkpoint`` holds this rank's own values (where ``layout`` says); the main file gets their
+    consensus (:func:`consensus`, with ``modules`` and ``module_means``) and the core's shared state, the
+    shard the values as they are and the core's local state."""
     filepath = str(filepath)
     comm = core.comm
     world, rank = comm.world_size, comm.rank
     fingerprint = model_fingerprint([checkpoint[k] for k in layout.modules if isinstance(checkpoint.get(k), Mapping)])
     step = int(checkpoint.get("global_step", core.optimizer_steps[0] if core.optimizer_steps else 0))
     save_id = comm.broadcast_object(f"step{step}-{uuid.uuid4().hex[:12]}", src=0)
+    main, outer_after = consensus(core, checkpoint, layout, modules=modules, module_means=module_means)
+    # after the consensus, so that the ledgers saved (shards and main file) include this save's bytes, as
+    # the run that goes on from here has them
     core_state = core.state_dict()
-
-    consensus = consensus_copies(core, checkpoint, layout)
 
     # 1. every rank writes its own shard into the new save directory
     root = shard_root(filepath)
@@ -278,14 +585,15 @@ def save(core: "DeslocSync", checkpoint: dict[str, Any], filepath: Any, layout: 
         "core": core_state["local"],
         "rng": _capture_rng(),
     }
-    data = _to_bytes(shard)
-    atomic_write(os.path.join(save_dir, shard_name(rank)), data)
+    digest, nbytes = atomic_save(os.path.join(save_dir, shard_name(rank)), shard)
+    del shard
     _fault_point("shard_written", filepath)
-    entries = comm.all_gather_object({"rank": rank, "file": shard_name(rank), "sha256": _sha256(data), "bytes": len(data)})
+    entries = comm.all_gather_object({"rank": rank, "file": shard_name(rank), "sha256": digest, "bytes": nbytes})
     if rank != 0:
         return
 
-    # 2. rank 0: the manifest, then the main file (the commit point), then old saves are removed
+    # 2. rank 0: the main file under a temporary name, the manifest with its checksum, then the rename that
+    # commits the save; then old saves are removed
     shared = core_state["shared"]
     meta = {
         "format": FORMAT_VERSION,
@@ -300,13 +608,20 @@ def save(core: "DeslocSync", checkpoint: dict[str, Any], filepath: Any, layout: 
         # equal on every rank, so rank 0's copy is the global one
         "core": shared,
     }
-    consensus[META_KEY] = meta
-    main_data = _to_bytes(consensus)
+    if outer_after is not None:
+        meta["consensus_core"] = outer_after.shared(shared)
+    main[META_KEY] = meta
+    tmp, main_digest, main_bytes = _write_temp(filepath, lambda f: torch.save(main, f))
     manifest = {k: meta[k] for k in ("format", "save_id", "world_size", "global_step", "optimizer_steps", "fingerprint")}
     manifest["shards"] = sorted(entries, key=lambda e: e["rank"])
-    manifest["main"] = {"sha256": _sha256(main_data), "bytes": len(main_data)}
-    atomic_write(os.path.join(save_dir, MANIFEST_NAME), json.dumps(manifest, indent=1).encode())
-    atomic_write(filepath, main_data)
+    manifest["main"] = {"sha256": main_digest, "bytes": main_bytes}
+    try:
+        atomic_write(os.path.join(save_dir, MANIFEST_NAME), json.dumps(manifest, indent=1).encode())
+    except BaseException:
+        with suppress(OSError):
+            os.remove(tmp)
+        raise
+    _commit(tmp, filepath)
     _fault_point("committed", filepath)
     for entry in os.listdir(root):
         if entry != save_id:
@@ -353,17 +668,16 @@ def _verify_own_shard(meta: dict[str, Any], filepath: str, world: int, rank: int
     path = os.path.join(save_dir, entry["file"])
     if not os.path.isfile(path):
         return MISSING, f"{where}: shard {path} is missing", None
-    with open(path, "rb") as f:
-        data = f.read()
-    if len(data) < entry["bytes"]:
-        return BAD, f"{where}: shard {path} is truncated ({len(data)} of {entry['bytes']} bytes)", None
-    if len(data) > entry["bytes"]:
-        return BAD, (f"{where}: shard {path} has {len(data)} bytes, its manifest says {entry['bytes']} "
+    size = os.path.getsize(path)
+    if size < entry["bytes"]:
+        return BAD, f"{where}: shard {path} is truncated ({size} of {entry['bytes']} bytes)", None
+    if size > entry["bytes"]:
+        return BAD, (f"{where}: shard {path} has {size} bytes, its manifest says {entry['bytes']} "
                      "(overwritten by another file?)"), None
-    if _sha256(data) != entry["sha256"]:
+    if file_digest(path)[0] != entry["sha256"]:
         return BAD, f"{where}: shard {path} is corrupt (SHA-256 does not match the manifest)", None
     try:
-        shard = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        shard = torch_load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unpickling failure means a bad shard
         return BAD, f"{where}: shard {path} cannot be read ({type(err).__name__}: {err})", None
     if (shard.get("save_id"), shard.get("rank"), shard.get("fingerprint")) != (meta["save_id"], rank, meta.get("fingerprint")):
@@ -387,14 +701,12 @@ def main_file_problem(filepath: str) -> Optional[str]:
                 recorded.append((save_id, {"sha256": str(main["sha256"]), "bytes": int(main["bytes"])}))
     if not recorded:
         return None
-    with open(filepath, "rb") as f:
-        data = f.read()
-    digest = _sha256(data)
+    digest, size = file_digest(filepath)
     if any(entry["sha256"] == digest for _, entry in recorded):
         return None
     save_id, entry = recorded[-1]
-    if len(data) != entry["bytes"]:
-        return (f"checkpoint {filepath} is damaged: it has {len(data)} bytes, but the save that wrote it "
+    if size != entry["bytes"]:
+        return (f"checkpoint {filepath} is damaged: it has {size} bytes, but the save that wrote it "
                 f"({save_id}) recorded {entry['bytes']} (truncated or overwritten)")
     return f"checkpoint {filepath} is corrupt: its SHA-256 does not match the manifest of its save ({save_id})"
 
@@ -490,6 +802,9 @@ def load(
         info(f"DES-LOC resume from {decision.checkpoint}: LOCAL path, each of the {decision.world_size} ranks "
              f"restored its own {what} and RNG at optimizer step {core.optimizer_steps}.")
         return out, decision
+    # the main file's parameters are the consensus after the outer step when one was peeked at the save:
+    # the outer optimizer continues from the state after that step
+    shared = meta.get("consensus_core") or shared
     core.load_state_dict({"shared": shared, "local": None}, device)
     if shared.get("snapshot") is None:
         _take_snapshot(core, main, layout, modules)

@@ -24,13 +24,20 @@ from __future__ import annotations
 
 import pickle
 from collections.abc import Mapping, Sequence
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from lightning_desloc.averaging import DEFAULT_BUCKET_CAP_BYTES, average_round, broadcast_round, start_average_round
+from lightning_desloc.averaging import (
+    DEFAULT_BUCKET_CAP_BYTES,
+    LOW_PRECISION,
+    average_round,
+    broadcast_round,
+    kind_buckets,
+    start_average_round,
+)
 from lightning_desloc.compression import CompressionPlan
 from lightning_desloc.ledger import CommLedger
 
@@ -123,6 +130,52 @@ class Comm:
             return
         nbytes, calls = broadcast_round(tensors, src, self.group, bucket_cap_bytes)
         self.ledger.record({category: nbytes}, calls)
+
+    def reduce_mean_to_(self, tensors: Sequence[Tensor], receive: Callable[[Sequence[Tensor], Tensor], None], *,
+                        dst: int = 0, category: str = "checkpoint",
+                        bucket_cap_bytes: int = DEFAULT_BUCKET_CAP_BYTES) -> None:
+        """The mean over the group of ``tensors``, for rank ``dst`` (a global rank) alone, bucket by bucket.
+
+        The tensors are grouped by dtype and device into flat buckets of at most ``bucket_cap_bytes``; each
+        bucket is a flat copy reduced to ``dst`` (a sum) and divided there by the group size, then
+        ``receive(bucket, mean)`` is called on ``dst`` with the bucket's tensors and their flat mean in
+        their dtype, a buffer of its own that is not used after the call (keep it, or copy from it what you
+        keep: on a GPU it is device memory). bfloat16/float16 buckets travel and are summed in float32
+        (twice their bytes on the wire, counted as such): a low-precision sum over many ranks loses several
+        ulp, and float16 overflows before the division; the mean is rounded to the dtype once, as a
+        round's. The other
+        ranks receive nothing. At most two buckets are in flight (the next one is issued before the
+        previous one lands), so the extra memory is about two buckets, whatever the total. The tensors
+        are not modified. One ledger round: the bytes handed to ``dist.reduce`` under ``category``, one call per bucket.
+        With one process nothing is sent and ``receive`` is not called."""
+        if not self.distributed or not tensors:
+            return
+        world, mine = self.world_size, dist.get_rank() == dst
+        in_flight: Optional[tuple[Any, Tensor, list[Tensor]]] = None
+        calls = 0
+
+        sent = 0
+
+        def land(work: Any, flat: Tensor, bucket: list[Tensor]) -> None:
+            work.wait()
+            if mine:
+                flat.div_(world)
+                receive(bucket, flat.to(bucket[0].dtype))  # no copy unless it travelled in float32
+
+        with torch.no_grad():
+            for bucket in kind_buckets(tensors, bucket_cap_bytes):
+                flat = torch.cat([t.detach().reshape(-1) for t in bucket])
+                if flat.dtype in LOW_PRECISION:
+                    flat = flat.float()
+                work = dist.reduce(flat, dst=dst, op=dist.ReduceOp.SUM, group=self.group, async_op=True)
+                calls += 1
+                sent += flat.numel() * flat.element_size()
+                if in_flight is not None:
+                    land(*in_flight)
+                in_flight = (work, flat, bucket)  # drops the landed bucket's buffer: two at most are alive
+            if in_flight is not None:
+                land(*in_flight)
+        self.ledger.record({category: sent}, calls)
 
     # ------------------------------------------------------------------ small control collectives
     def all_reduce_max(self, values: Tensor, category: str = "control") -> Tensor:

@@ -149,6 +149,8 @@ class DeslocConfig:
     ddp_warmup_steps: int = 0
     #: ``F``: parameter fragments averaged at staggered offsets (1: the whole model in each round)
     fragments: int = 1
+    #: seconds without a peer's heartbeat after which a rank exits (``None``: no liveness watchdog)
+    peer_timeout_s: Optional[float] = 30.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "compression", parse_compression(self.compression))
@@ -168,6 +170,11 @@ class DeslocConfig:
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
             raise ValueError(f"ddp_warmup_steps must be a number of optimizer steps >= 0, got {n!r}; 0 starts "
                              "DES-LOC at the first step, e.g. ddp_warmup_steps=500 trains the first 500 as DDP")
+        t = self.peer_timeout_s
+        if t is not None and not (_is_number(t) and 0 < t < float("inf")):
+            raise ValueError(f"peer_timeout_s must be a positive, finite number of seconds or None, got {t!r}; e.g. "
+                             "peer_timeout_s=30 exits a rank whose peer sent no heartbeat for 30 s, None turns the "
+                             "liveness watchdog off")
 
     def _check_overlap(self) -> None:
         tau = self.overlap_steps
@@ -380,6 +387,13 @@ ARGUMENT_DOCS: dict[str, str] = {
         the bytes per ``K_x`` steps stay those of the whole model. ``F`` must divide ``K_x``; works with
         ``overlap_steps``; not yet with ``"auto"``, compression, ``outer_lr``, ``group_size``, ``max_drift``
         or ``state_policy="reset"``. ``1`` (default): whole-model rounds.""",
+    "peer_timeout_s": """seconds without a heartbeat from a peer rank after which this rank logs which
+        rank(s) went silent and exits with code 75, so that ``torchrun --max-restarts`` (or the scheduler) restarts
+        the group from the last checkpoint instead of waiting for the process group's timeout in a collective
+        that will never complete. Heartbeats are store requests from a thread of each rank, every
+        ``peer_timeout_s / 6`` seconds, independent of training: a long round, a slow rank or a long save is
+        not a silence; a dead, frozen or unreachable process is (:mod:`lightning_desloc.liveness`). ``None``:
+        off, no thread. With one rank nothing runs.""",
     "allow_consensus_fallback": """on resume, a truncated, corrupt or foreign per-rank shard raises
         :class:`~lightning_desloc.checkpoint.CheckpointShardError` (default). ``True`` starts every rank
         from the consensus in the main checkpoint file instead, with a warning. See ``docs/checkpointing.md``.""",

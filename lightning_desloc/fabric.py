@@ -66,7 +66,13 @@ from torch.nn import Module
 from torch.optim import Optimizer
 
 from lightning_desloc import checkpoint as desloc_checkpoint
-from lightning_desloc.adapters import MeteredCollectives, build_core, close_process_group, close_process_group_at_exit
+from lightning_desloc.adapters import (
+    MeteredCollectives,
+    build_core,
+    close_process_group,
+    close_process_group_at_exit,
+    stop_watching_peers,
+)
 from lightning_desloc.compression import Compression
 from lightning_desloc.config import DEFAULT_BUCKET_CAP_MB, args_section
 from lightning_desloc.schedule import StatePolicy, StateSyncEvery, SyncPlan
@@ -76,7 +82,7 @@ from lightning_desloc.sync import float_buffers
 DESLOC_ARGUMENTS = (
     "param_sync_every", "state_sync_every", "state_policy", "compression", "outer_lr", "outer_momentum",
     "outer_nesterov", "comm_budget", "total_steps", "min_param_syncs", "max_drift", "drift_check_every",
-    "bucket_cap_mb", "allow_consensus_fallback", "overlap_steps", "ddp_warmup_steps", "fragments",
+    "bucket_cap_mb", "allow_consensus_fallback", "overlap_steps", "ddp_warmup_steps", "fragments", "peer_timeout_s",
 )
 
 __all__ = ["DeslocFabricStrategy"]
@@ -131,6 +137,7 @@ class DeslocFabricStrategy(MeteredCollectives, DDPStrategy):
         overlap_steps: int = 0,
         ddp_warmup_steps: int = 0,
         fragments: int = 1,
+        peer_timeout_s: Optional[float] = 30.0,
         accelerator: Optional[Accelerator] = None,
         parallel_devices: Optional[list[torch.device]] = None,
         cluster_environment: Optional[ClusterEnvironment] = None,
@@ -237,6 +244,7 @@ class DeslocFabricStrategy(MeteredCollectives, DDPStrategy):
             self._launcher = _ClosingLauncher(self, start_method=self._start_method)
 
     def teardown(self) -> None:
+        stop_watching_peers()  # Fabric calls no teardown itself: without one, the exit hook stops the watch
         self.core.detach()
         super().teardown()
 
@@ -256,7 +264,7 @@ class DeslocFabricStrategy(MeteredCollectives, DDPStrategy):
                             f"{storage_options!r}. Save without storage_options.")
         layout = self._layout(state)
         converted = self._convert_stateful_objects_in_state(state, filter=filter or {})
-        desloc_checkpoint.save(self.core, converted, path, layout)
+        desloc_checkpoint.save(self.core, converted, path, layout, modules=[state[k] for k in layout.modules])
 
     def load_checkpoint(self, path: Any, state: Optional[Any] = None, strict: bool = True,
                         weights_only: Optional[bool] = None) -> dict[str, Any]:
@@ -267,7 +275,7 @@ class DeslocFabricStrategy(MeteredCollectives, DDPStrategy):
             return super().load_checkpoint(path, state, strict, weights_only=weights_only)  # the consensus
         layout = self._layout(state)
         main, problem = desloc_checkpoint.read_main(
-            path, lambda p: self.checkpoint_io.load_checkpoint(p, weights_only=weights_only))
+            path, desloc_checkpoint.main_loader(self.checkpoint_io, weights_only))
         desloc_checkpoint.check_main(self.core, problem)
         assert main is not None
         main, self.resume_decision = desloc_checkpoint.load(

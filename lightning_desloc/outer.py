@@ -94,6 +94,45 @@ class OuterOptimizer(SyncOption):
             p.copy_(x_g[offset : offset + p.numel()].view_as(p))
             offset += p.numel()
 
+    @torch.no_grad()
+    def peek(self, mean: Tensor, offset: int = 0) -> tuple[Tensor, Optional[Tensor]]:
+        """What :meth:`step` would make of a slice of the parameters, changing nothing.
+
+        ``mean`` holds the rank average of the flat parameters ``[offset, offset + mean.numel())`` (the
+        optimizer's parameters in param-group order, flattened and concatenated, as in the snapshot).
+        Returns ``(x_g, b)`` for that slice after the step: the new global parameters, in the snapshot's
+        dtype (a parameter gets them rounded to its own dtype), and the new momentum buffer (``None``
+        without momentum). The live snapshot and momentum buffer are not touched.
+
+        The slice is computed with the same element-wise operations, in the same order, as :meth:`step`
+        on the whole flat vector, so a checkpoint that peeks bucket by bucket gets the bits the outer
+        step gives the live parameters (element-wise kernels do not depend on where a slice starts;
+        ``tests/test_checkpoint_traffic.py`` checks it).
+
+        >>> outer = OuterOptimizer(lr=0.7, momentum=0.9)
+        >>> w = torch.tensor([1.0, 2.0, 3.0])
+        >>> outer.prime([w])
+        >>> mean = torch.tensor([0.5, 2.5, 3.0])
+        >>> x_head, _ = outer.peek(mean[:2])
+        >>> x_tail, _ = outer.peek(mean[2:], offset=2)
+        >>> w.copy_(mean); outer.step([w])
+        tensor([0.5000, 2.5000, 3.0000])
+        >>> torch.equal(torch.cat([x_head, x_tail]), w)
+        True
+        """
+        x_g = self.snapshot.flat
+        assert x_g is not None, "take the snapshot (prime) when every rank holds the same parameters"
+        x_old = x_g[offset : offset + mean.numel()]
+        grad = x_old.sub(mean.reshape(-1))  # in the snapshot's dtype, as step's in-place sub_
+        buffer: Optional[Tensor] = None
+        if self.momentum:
+            if self.momentum_buffer is None:
+                buffer = grad.clone()
+            else:
+                buffer = self.momentum_buffer[offset : offset + mean.numel()].mul(self.momentum).add_(grad)
+            grad = grad.add(buffer, alpha=self.momentum) if self.nesterov else buffer
+        return x_old.add(grad, alpha=-self.lr), buffer
+
     def state_dict(self) -> dict[str, Any]:
         return {"momentum_buffer": None if self.momentum_buffer is None else self.momentum_buffer.clone()}
 

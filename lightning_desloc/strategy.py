@@ -31,6 +31,7 @@ from lightning_desloc.adapters import (
     close_process_group,
     close_process_group_at_exit,
     mark_failed,
+    stop_watching_peers,
 )
 from lightning_desloc.compression import Compression
 from lightning_desloc.config import DEFAULT_BUCKET_CAP_MB, ValidateOn, args_section
@@ -48,7 +49,7 @@ DESLOC_ARGUMENTS = (
     "param_sync_every", "state_sync_every", "validate_on", "state_policy", "compression", "outer_lr",
     "outer_momentum", "outer_nesterov", "group_size", "group_param_sync_every", "group_state_sync_every",
     "comm_budget", "min_param_syncs", "max_drift", "drift_check_every", "bucket_cap_mb", "log_comm",
-    "allow_consensus_fallback", "overlap_steps", "ddp_warmup_steps", "fragments",
+    "allow_consensus_fallback", "overlap_steps", "ddp_warmup_steps", "fragments", "peer_timeout_s",
 )
 
 
@@ -136,6 +137,7 @@ class DeslocStrategy(MeteredCollectives, DDPStrategy):
         overlap_steps: int = 0,
         ddp_warmup_steps: int = 0,
         fragments: int = 1,
+        peer_timeout_s: Optional[float] = 30.0,
         accelerator: Optional["pl.accelerators.Accelerator"] = None,
         parallel_devices: Optional[list[torch.device]] = None,
         cluster_environment: Optional[ClusterEnvironment] = None,
@@ -353,6 +355,7 @@ class DeslocStrategy(MeteredCollectives, DDPStrategy):
         super().on_train_end()
 
     def teardown(self) -> None:
+        stop_watching_peers()  # before Lightning's teardown: nothing after it needs the peers
         self.core.detach()
         super().teardown()
 
@@ -394,8 +397,13 @@ class DeslocStrategy(MeteredCollectives, DDPStrategy):
                 "DeslocStrategy writes checkpoints itself and takes no storage_options; got "
                 f"{storage_options!r}. Save without storage_options."
             )
-        checkpoint = {**checkpoint, "state_dict": self._local_state_dict(checkpoint["state_dict"])}
-        desloc_checkpoint.save(self.core, checkpoint, filepath)
+        live = checkpoint["state_dict"]
+        # during consensus validation the live tensors hold the mean over ranks: the main file takes them
+        # as they are (nothing sent for them), the shard the rank's own stashed values
+        means = {"state_dict": live} if self._stashed_local is not None else None
+        checkpoint = {**checkpoint, "state_dict": self._local_state_dict(live)}
+        desloc_checkpoint.save(self.core, checkpoint, filepath, modules=[self.model] if self.model is not None else [],
+                               module_means=means)
 
     def _local_state_dict(self, state_dict: dict[str, Any]) -> dict[str, Any]:
         """During consensus validation the live parameters are the consensus and the rank's own values are
@@ -412,7 +420,7 @@ class DeslocStrategy(MeteredCollectives, DDPStrategy):
         # when fitting, also restores the step counters, the ledger, the options' state and (local path)
         # the RNG, and sets resume_decision
         main, problem = desloc_checkpoint.read_main(
-            checkpoint_path, lambda path: self.checkpoint_io.load_checkpoint(path, weights_only=weights_only))
+            checkpoint_path, desloc_checkpoint.main_loader(self.checkpoint_io, weights_only))
         module = self.lightning_module
         trainer = module._trainer if module is not None else None
         if trainer is None or trainer.state.fn != TrainerFn.FITTING:

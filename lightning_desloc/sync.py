@@ -118,18 +118,23 @@ def gradient_bytes(optimizer: Optimizer) -> int:
 
 
 class _GradientBytes:
-    """:func:`gradient_bytes` computed once per optimizer rather than walked every step; recomputed when
-    the number of parameter groups changes (fine-tuning callbacks add a group when they unfreeze)."""
+    """:func:`gradient_bytes` without re-measuring every parameter each step: the sizes are kept per
+    optimizer (taken again when its number of groups or of parameters changes: fine-tuning callbacks add
+    a group when they unfreeze), while ``requires_grad`` is read at every call, so unfreezing inside an
+    existing group (``requires_grad_(True)`` on parameters the optimizer already holds) counts at once."""
 
     def __init__(self) -> None:
-        self._cached: dict[int, tuple[int, int]] = {}  # id(optimizer) -> (number of groups, bytes)
+        # id(optimizer) -> (number of groups, [(parameter, bytes)])
+        self._cached: dict[int, tuple[int, list[tuple[Tensor, int]]]] = {}
 
     def __call__(self, optimizer: Optimizer) -> int:
         groups = len(optimizer.param_groups)
         cached = self._cached.get(id(optimizer))
-        if cached is None or cached[0] != groups:
-            cached = self._cached[id(optimizer)] = (groups, gradient_bytes(optimizer))
-        return cached[1]
+        count = sum(len(group["params"]) for group in optimizer.param_groups)
+        if cached is None or cached[0] != groups or len(cached[1]) != count:
+            sizes = [(p, p.numel() * p.element_size()) for p in optimizer_params(optimizer)]
+            cached = self._cached[id(optimizer)] = (groups, sizes)
+        return sum(nbytes for p, nbytes in cached[1] if p.requires_grad)
 
 
 def float_buffers(modules: Iterable[Module]) -> list[Tensor]:

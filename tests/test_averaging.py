@@ -7,6 +7,7 @@ import torch
 import torch.distributed as dist
 
 from lightning_desloc.averaging import DEFAULT_BUCKET_CAP_BYTES, average_, broadcast_, start_average_round
+from lightning_desloc.comm import Comm
 from lightning_desloc.ledger import CommLedger
 
 from helpers import run_on_processes
@@ -86,8 +87,15 @@ def _low_precision_worker(rank, world, out_dir):
     buckets, works, _, calls = start_average_round(tensors, world, None, 128)
     for work in works:
         work.wait()
+    # the checkpoint's reduction to rank 0: the same means, on rank 0 alone
+    tensors = low_precision_tensors(rank)
+    comm, to_rank0 = Comm(CommLedger()), []
+    flat = [t for ts in tensors.values() for t in ts]
+    comm.reduce_mean_to_(flat, lambda bucket, mean: to_rank0.append((len(bucket), mean.clone())),
+                         bucket_cap_bytes=128)
     torch.save({"results": results, "ledgers": ledgers, "untouched": tensors, "buckets": buckets,
-                "overlap_calls": calls}, f"{out_dir}/lp{rank}.pt")
+                "overlap_calls": calls, "to_rank0": to_rank0, "reduce_ledger": comm.ledger.state_dict()},
+               f"{out_dir}/lp{rank}.pt")
 
 
 def test_bf16_and_fp16_buckets_are_summed_in_float32_and_rounded_once(tmp_path):
@@ -111,6 +119,17 @@ def test_bf16_and_fp16_buckets_are_summed_in_float32_and_rounded_once(tmp_path):
             ledger = got["ledgers"][cap]
             assert ledger["bytes"] == {"params": 2 * (1001 + 37 + 64 + 3), "state/exp_avg": 10}
             assert (ledger["rounds"], ledger["calls"]) == (1, 2 * buckets)
+        # the checkpoint's reduction: float32 on the wire (4 bytes per element, counted as such), the
+        # same once-rounded means, on rank 0 only
+        assert got["reduce_ledger"]["bytes"] == {"checkpoint": 4 * (1001 + 37 + 64 + 3 + 5)}
+        if rank == 0:
+            flat_expected = [t for cat in ("params", "state/exp_avg") for t in expected[cat]]
+            # buckets of at most 128 bytes of the tensors' own dtype: one tensor each
+            assert [n for n, _ in got["to_rank0"]] == [1, 1, 1, 1, 1]
+            for (_, mean), want in zip(got["to_rank0"], flat_expected):
+                assert mean.dtype == want.dtype and torch.equal(mean, want.reshape(-1))
+        else:
+            assert got["to_rank0"] == []
         # the overlapped path gets the same means, leaves the tensors alone and keeps each snapshot
         assert got["overlap_calls"] == 2 * 5
         for cat, ts in got["untouched"].items():

@@ -121,9 +121,12 @@ def test_main_file_is_the_consensus_of_the_shards_and_plain_lightning_loads_it(r
     # plain Lightning, without the strategy, loads the consensus
     model = Net.load_from_checkpoint(path)
     assert torch.equal(flat_params(model), (a + b) / 2)
-    # the consensus rounds are in the ledger as their own category: 3 full saves (params, exp_avg,
-    # exp_avg_sq) and 3 weights-only saves (params), float64
-    assert rec[0]["ledger"]["checkpoint"] == (3 * 3 + 3) * N_PARAMS * 8
+    # the consensus reductions are in the ledger as their own category, float64, and a save sends only
+    # what differs between ranks: at steps 5 and 10 (between all averages) a full save sends the
+    # parameters, exp_avg and exp_avg_sq, a weights-only save the parameters; at step 15 (K_x = 3 averaged
+    # the parameters right before, not exp_avg (every 6) nor exp_avg_sq (every 12)) the full save sends the
+    # two states and the weights-only save nothing
+    assert rec[0]["ledger"]["checkpoint"] == ((3 + 1) + (3 + 1) + (2 + 0)) * N_PARAMS * 8
 
 
 def test_model_checkpoint_keeps_main_files_and_shards_together(reference):
