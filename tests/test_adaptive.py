@@ -9,7 +9,7 @@ import torch
 from lightning_desloc import DeslocStrategy
 from lightning_desloc.adaptive import AutoPeriods, choose_periods, half_life, optimizer_betas, period_cap
 from lightning_desloc.comm import Comm
-from helpers import N_PARAMS, Regression, quiet_trainer
+from helpers import N_PARAMS, START_METHOD, Regression, quiet_trainer
 
 
 def policy_by_hand(step_s, round_s, beta1, beta2, budget=0.05, lo=8, hi=1024):
@@ -81,7 +81,7 @@ def test_auto_periods_in_a_real_run_follow_the_measured_times(tmp_path, min_sync
 
     steps = 64
     strategy = DeslocStrategy(param_sync_every="auto", comm_budget=0.5, min_param_syncs=min_syncs,
-                              start_method="spawn")
+                              start_method=START_METHOD)
     logger = CSVLogger(tmp_path, name="auto", version=0)
     quiet_trainer(strategy=strategy, max_steps=steps, limit_val_batches=0, logger=logger).fit(
         Regression(n_batches=steps))
@@ -105,7 +105,7 @@ def test_auto_periods_in_a_real_run_follow_the_measured_times(tmp_path, min_sync
 def test_drift_trigger_adds_parameter_averages(max_drift, early):
     steps, check = 12, 3
     strategy = DeslocStrategy(param_sync_every=1000, max_drift=max_drift, drift_check_every=check,
-                              start_method="spawn")
+                              start_method=START_METHOD)
     quiet_trainer(strategy=strategy, max_steps=steps, limit_val_batches=0).fit(Regression(n_batches=steps))
     checks = steps // check
     synced = checks if early else 0

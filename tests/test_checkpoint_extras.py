@@ -16,6 +16,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from ckpt_models import Net, Recorder
 from lightning_desloc import DeslocStrategy
+from helpers import START_METHOD
 
 OPTIONS = dict(
     param_sync_every=3,
@@ -38,7 +39,7 @@ def fit(out, ckpt_path=None, epochs=3, devices=2):
         enable_model_summary=False,
         use_distributed_sampler=False,
         num_sanity_val_steps=0,
-        strategy=DeslocStrategy(**OPTIONS, start_method="spawn"),
+        strategy=DeslocStrategy(**OPTIONS, start_method=START_METHOD),
         callbacks=[
             Recorder(os.path.join(str(out), "rec")),
             ModelCheckpoint(dirpath=os.path.join(str(out), "ck"), save_top_k=-1, every_n_epochs=1),
@@ -72,7 +73,7 @@ def test_last_ckpt_saved_before_the_final_consensus_is_the_model_fit_returns(tmp
         enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
         num_sanity_val_steps=0,
         strategy=DeslocStrategy(param_sync_every=3, state_sync_every={"exp_avg": 6, "exp_avg_sq": 12},
-                                outer_lr=0.7, outer_momentum=0.9, start_method="spawn"),
+                                outer_lr=0.7, outer_momentum=0.9, start_method=START_METHOD),
         callbacks=[ModelCheckpoint(dirpath=str(tmp_path / "ck"), save_last=True)],
     )
     trainer.fit(model)  # the spawn launcher loads rank 0's final weights into `model`

@@ -17,7 +17,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from ckpt_models import IN, OUT, FrozenStemNet, Recorder, SaveProbe, TiedLM
 from lightning_desloc import DeslocStrategy
 from lightning_desloc.outer import OuterOptimizer
-from helpers import run_on_processes
+from helpers import START_METHOD, run_on_processes
 
 HIDDEN = 16
 STEM = IN * HIDDEN + HIDDEN  # frozen: never sent
@@ -32,7 +32,7 @@ def trainer(out, callbacks, max_steps=None, max_epochs=None, **strategy):
         logger=False, enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=bool(
             any(isinstance(c, ModelCheckpoint) for c in callbacks)),
         use_distributed_sampler=False, num_sanity_val_steps=0, callbacks=callbacks,
-        strategy=DeslocStrategy(start_method="spawn", **strategy),
+        strategy=DeslocStrategy(start_method=START_METHOD, **strategy),
     )
 
 

@@ -11,9 +11,8 @@ from lightning_desloc.compression import Bf16Codec, CompressionPlan, Int8Codec, 
 from lightning_desloc.ledger import CommLedger
 from lightning_desloc.snapshot import ConsensusSnapshot
 
-from helpers import run_on_processes
+from helpers import N_PARAMS, START_METHOD, Regression, quiet_trainer, run_on_processes
 from lightning_desloc import DeslocStrategy
-from helpers import N_PARAMS, Regression, quiet_trainer
 
 
 def int8_by_hand(x, chunk):
@@ -237,7 +236,7 @@ class ParamsAfterSync(Regression):
 
 def test_strategy_counts_encoded_bytes_and_ranks_agree(tmp_path):
     strategy = DeslocStrategy(param_sync_every=4, compression={"params": "int8", "states": "bf16"},
-                              start_method="spawn")
+                              start_method=START_METHOD)
     quiet_trainer(strategy=strategy, max_steps=12, limit_val_batches=0).fit(ParamsAfterSync(n_batches=12, out_dir=str(tmp_path)))
     # 3 parameter averages (int8 + scales), exp_avg at 12 and exp_avg_sq at 24: one bf16 round of exp_avg
     int8_bytes = sum(n + 4 * math.ceil(n / 256) for n in [N_PARAMS])

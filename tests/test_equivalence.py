@@ -1,6 +1,6 @@
 """Real 2-process DES-LOC fits against the independent simulator in ``reference.py``.
 
-Each case runs ``Trainer(devices=2, strategy=DeslocStrategy(..., start_method="spawn"))`` on gloo in
+Each case runs ``Trainer(devices=2, strategy=DeslocStrategy(..., start_method=START_METHOD))`` on gloo in
 float64. A callback in every worker process records the parameters and the optimizer state after
 every optimizer step (and at the start, after the strategy's rank-0 broadcast), and the weights each
 rank ends the fit with; the pytest process compares all of it with ``reference.simulate`` for
@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 
 import reference as ref
 from lightning_desloc import DeslocStrategy
-from helpers import Mlp, Recorder
+from helpers import START_METHOD, Mlp, Recorder
 
 WORLD = 2
 
@@ -85,7 +85,7 @@ def run_fit(tmp_path, cfg: ref.Config, n_calls: int, state_sync_every, manual: b
         kwargs["plugins"] = [MixedPrecision(precision="16-mixed", device="cpu", scaler=torch.amp.GradScaler("cpu"))]
     strategy = DeslocStrategy(param_sync_every=cfg.param_sync_every, state_sync_every=state_sync_every,
                               overlap_steps=overlap_steps, ddp_warmup_steps=cfg.ddp_warmup_steps,
-                              fragments=cfg.fragments, start_method="spawn")
+                              fragments=cfg.fragments, start_method=START_METHOD)
     model = Mlp(cfg, n_calls, manual=manual)
     model.double()
     trainer = L.Trainer(

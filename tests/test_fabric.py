@@ -24,6 +24,7 @@ from lightning.fabric.plugins.precision import MixedPrecision
 
 import reference as ref
 from lightning_desloc import DeslocFabricStrategy
+from helpers import START_METHOD
 
 WORLD = 2
 BROADCAST_OBJ = {"run": "fabric", "payload": list(range(5))}
@@ -166,7 +167,7 @@ CASES = {
 
 
 def run(tmp_path, cfg: ref.Config, n_calls: int, spec) -> list[dict]:
-    strategy = spec if isinstance(spec, str) else DeslocFabricStrategy(**spec, start_method="spawn")
+    strategy = spec if isinstance(spec, str) else DeslocFabricStrategy(**spec, start_method=START_METHOD)
     plugins = [ScaledFloat64("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))] if cfg.skip_calls else None
     fabric = L.Fabric(accelerator="cpu", devices=WORLD, strategy=strategy, plugins=plugins)
     assert isinstance(fabric.strategy, DeslocFabricStrategy)

@@ -14,6 +14,7 @@ import torch
 
 import reference as ref
 from lightning_desloc import DeslocFabricStrategy
+from helpers import START_METHOD
 
 OPTIONS = dict(param_sync_every=3, state_sync_every={"exp_avg": 6, "exp_avg_sq": 12}, outer_lr=0.7,
                compression={"params": "int8"})
@@ -54,7 +55,7 @@ def train(fabric: L.Fabric, out_dir: str, resume_from: str | None) -> None:
 
 def run(out_dir, devices=2, resume_from=None) -> list[dict]:
     os.makedirs(out_dir, exist_ok=True)
-    fabric = L.Fabric(accelerator="cpu", devices=devices, strategy=DeslocFabricStrategy(**OPTIONS, start_method="spawn"))
+    fabric = L.Fabric(accelerator="cpu", devices=devices, strategy=DeslocFabricStrategy(**OPTIONS, start_method=START_METHOD))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         fabric.launch(train, str(out_dir), resume_from)

@@ -26,7 +26,7 @@ import torch
 import reference as ref
 from lightning_desloc import DeslocStrategy
 from lightning_desloc.groups import check_group_keys, make_group_schedule
-from helpers import Mlp, Recorder
+from helpers import START_METHOD, Mlp, Recorder
 
 WORLD, GROUP = 4, 2
 N_CALLS = 13
@@ -40,7 +40,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 def run_two_level_fit(tmp_path):
     cfg = ref.Config("adam", param_sync_every=K_X, state_sync_every=OUTER_STATES, lr=2e-2)
     strategy = DeslocStrategy(param_sync_every=K_X, state_sync_every=OUTER_STATES, group_size=GROUP,
-                              group_param_sync_every=K_IN, start_method="spawn")
+                              group_param_sync_every=K_IN, start_method=START_METHOD)
     trainer = L.Trainer(
         accelerator="cpu", devices=WORLD, strategy=strategy, max_epochs=1, limit_val_batches=0,
         use_distributed_sampler=False, enable_progress_bar=False, logger=False, enable_checkpointing=False,

@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_desloc import DeslocStrategy
 from lightning_desloc.comm import group_ranks
-from helpers import quiet_trainer
+from helpers import START_METHOD, quiet_trainer
 
 STEPS, K_X, BATCH = 6, 3, 4
 
@@ -60,11 +60,11 @@ def test_four_processes_in_two_groups_equal_two_joined_workers(tmp_path):
     periods = dict(param_sync_every=K_X, state_sync_every={"exp_avg": 3, "exp_avg_sq": 6})
     from lightning.pytorch.loggers import CSVLogger
 
-    hier = DeslocStrategy(group_size=2, start_method="spawn", **periods)
+    hier = DeslocStrategy(group_size=2, start_method=START_METHOD, **periods)
     logger = CSVLogger(tmp_path, name="hier", version=0)
     quiet_trainer(strategy=hier, devices=4, max_steps=STEPS, limit_val_batches=0, logger=logger,
                   log_every_n_steps=1).fit(GroupProbe(str(tmp_path), False))
-    flat = DeslocStrategy(start_method="spawn", **periods)
+    flat = DeslocStrategy(start_method=START_METHOD, **periods)
     quiet_trainer(strategy=flat, devices=2, max_steps=STEPS, limit_val_batches=0).fit(GroupProbe(str(tmp_path), True))
 
     for step in range(1, STEPS + 1):

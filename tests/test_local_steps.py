@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
 
-from helpers import Regression, free_port, quiet_trainer
+from helpers import START_METHOD, Regression, free_port, quiet_trainer
 from lightning_desloc import DeslocStrategy
 
 #: every collective of torch.distributed's public API a strategy or Lightning could issue
@@ -79,7 +79,7 @@ class LogsWithoutSync(Regression):
 def test_a_default_trainer_issues_no_collective_on_local_steps(tmp_path):
     k_x, steps = 8, 40
     trainer = quiet_trainer(
-        strategy=DeslocStrategy(param_sync_every=k_x, start_method="spawn"),  # states every 24 and 48
+        strategy=DeslocStrategy(param_sync_every=k_x, start_method=START_METHOD),  # states every 24 and 48
         max_steps=steps, limit_val_batches=0, default_root_dir=str(tmp_path),
         logger=True, enable_checkpointing=True, enable_progress_bar=True, log_every_n_steps=1,
         callbacks=[CollectiveCounter(str(tmp_path))],

@@ -4,7 +4,7 @@ import torch
 
 from lightning_desloc import DeslocStrategy
 from lightning_desloc.outer import OuterOptimizer
-from helpers import Regression, quiet_trainer
+from helpers import START_METHOD, Regression, quiet_trainer
 
 
 def test_outer_lr_one_without_momentum_is_plain_averaging():
@@ -43,7 +43,7 @@ def test_outer_nesterov_step_in_a_real_run(tmp_path):
     lr, mu, k_x, steps = 0.7, 0.9, 3, 9
     model = LocalAndSynced(n_batches=steps, out_dir=str(tmp_path))
     model.double()
-    strategy = DeslocStrategy(param_sync_every=k_x, outer_lr=lr, outer_momentum=mu, start_method="spawn")
+    strategy = DeslocStrategy(param_sync_every=k_x, outer_lr=lr, outer_momentum=mu, start_method=START_METHOD)
     quiet_trainer(strategy=strategy, max_steps=steps, limit_val_batches=0).fit(model)
 
     load = lambda r, s: torch.load(tmp_path / f"r{r}_{s}.pt")  # noqa: E731

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_desloc
 from lightning_desloc import DeslocStrategy
-from helpers import HIDDEN, IN, N_PARAMS, OUT, Regression, quiet_trainer  # noqa: F401
+from helpers import HIDDEN, IN, N_PARAMS, OUT, START_METHOD, Regression, quiet_trainer  # noqa: F401
 
 # --------------------------------------------------------------------------- bytes over 1536 steps
 class CountingRegression(Regression):
@@ -37,7 +37,7 @@ class CountingRegression(Regression):
 def test_bytes_over_1536_adam_steps_equal_the_schedule(tmp_path):
     steps, k_x = 1536, 256
     model = CountingRegression(n_batches=steps, out_dir=str(tmp_path))
-    strategy = DeslocStrategy(param_sync_every=k_x, start_method="spawn")  # paper defaults: K_u=768, K_v=1536
+    strategy = DeslocStrategy(param_sync_every=k_x, start_method=START_METHOD)  # paper defaults: K_u=768, K_v=1536
     quiet_trainer(strategy=strategy, max_steps=steps, limit_val_batches=0).fit(model)
 
     model_bytes = N_PARAMS * 4
@@ -62,7 +62,7 @@ def test_bytes_over_1536_adam_steps_equal_the_schedule(tmp_path):
 def test_steps_the_amp_scaler_skips_still_count(tmp_path):
     # Lightning's global_step counts them too; a rank whose scaler skipped must stay on the schedule
     model = Regression(n_batches=12, inf_batches=(2, 5))
-    strategy = DeslocStrategy(param_sync_every=2, state_sync_every=5, start_method="spawn")
+    strategy = DeslocStrategy(param_sync_every=2, state_sync_every=5, start_method=START_METHOD)
     # Trainer(precision="16-mixed") turns into bf16 without a scaler on CPU: ask for the fp16 scaler explicitly
     amp = MixedPrecision(precision="16-mixed", device="cpu", scaler=torch.amp.GradScaler("cpu"))
     trainer = quiet_trainer(strategy=strategy, max_epochs=1, limit_val_batches=0, plugins=[amp])
@@ -97,7 +97,7 @@ class ValidationProbe(Regression):
 @pytest.mark.parametrize("validate_on", ["consensus", "local"])
 def test_validation_evaluates_the_documented_model(tmp_path, validate_on):
     model = ValidationProbe(n_batches=9, out_dir=str(tmp_path))
-    strategy = DeslocStrategy(param_sync_every=4, validate_on=validate_on, start_method="spawn")
+    strategy = DeslocStrategy(param_sync_every=4, validate_on=validate_on, start_method=START_METHOD)
     trainer = quiet_trainer(strategy=strategy, max_steps=9, val_check_interval=3, limit_val_batches=1,
                             num_sanity_val_steps=0)
     trainer.fit(model)
@@ -129,7 +129,7 @@ class FrozenFirstLayer(ValidationProbe):
 def test_frozen_parameters_are_never_sent(tmp_path):
     model = FrozenFirstLayer(n_batches=9, out_dir=str(tmp_path))
     initial = [p.detach().clone() for p in model.net[0].parameters()]  # rank 0's: what the broadcast sends
-    strategy = DeslocStrategy(param_sync_every=4, start_method="spawn")
+    strategy = DeslocStrategy(param_sync_every=4, start_method=START_METHOD)
     trainer = quiet_trainer(strategy=strategy, max_steps=9, val_check_interval=3, limit_val_batches=1,
                             num_sanity_val_steps=0)
     trainer.fit(model)
@@ -165,7 +165,7 @@ class PolicyProbe(Regression):
 @pytest.mark.parametrize("policy", ["keep_local", "reset"])
 def test_baseline_state_policies(tmp_path, policy):
     model = PolicyProbe(n_batches=6, out_dir=str(tmp_path))
-    strategy = DeslocStrategy(param_sync_every=3, state_policy=policy, start_method="spawn")
+    strategy = DeslocStrategy(param_sync_every=3, state_policy=policy, start_method=START_METHOD)
     quiet_trainer(strategy=strategy, max_steps=6, limit_val_batches=0).fit(model)
     assert not any(k.startswith("state/") for k in strategy.ledger.bytes)
     for step in range(1, 7):
@@ -260,7 +260,7 @@ def test_ledger_is_logged_at_each_sync_round(tmp_path):
     from lightning.pytorch.loggers import CSVLogger
 
     strategy = DeslocStrategy(param_sync_every=2, state_sync_every={"exp_avg": 4, "exp_avg_sq": 6},
-                              start_method="spawn")
+                              start_method=START_METHOD)
     logger = CSVLogger(tmp_path, name="run", version=0)
     quiet_trainer(strategy=strategy, max_steps=6, limit_val_batches=0, logger=logger, log_every_n_steps=1).fit(
         Regression(n_batches=6)
@@ -301,7 +301,7 @@ def test_comm_metrics_land_on_the_users_steps_one_row_per_batch(tmp_path):
 
     from lightning.pytorch.loggers import CSVLogger
 
-    strategy = DeslocStrategy(param_sync_every=2, state_sync_every=4, start_method="spawn")
+    strategy = DeslocStrategy(param_sync_every=2, state_sync_every=4, start_method=START_METHOD)
     trainer = quiet_trainer(strategy=strategy, max_epochs=1, limit_val_batches=0, log_every_n_steps=1,
                             logger=CSVLogger(str(tmp_path), name="two"))
     trainer.fit(TwoOptimizers(n_batches=8))

@@ -8,7 +8,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_desloc import DeslocStrategy
-from helpers import N_PARAMS, Regression, quiet_trainer
+from helpers import N_PARAMS, START_METHOD, Regression, quiet_trainer
 
 
 class EndRecorder(Regression):
@@ -21,7 +21,7 @@ class EndRecorder(Regression):
 def _fit(out_dir, ckpt_dir=None, ckpt_path=None):
     # 3 batches per epoch, checkpoints at epoch ends (steps 3, 6, 9): a resume starts at a fresh epoch
     model = EndRecorder(n_batches=3, out_dir=str(out_dir))
-    strategy = DeslocStrategy(param_sync_every=2, state_sync_every=4, ddp_warmup_steps=5, start_method="spawn")
+    strategy = DeslocStrategy(param_sync_every=2, state_sync_every=4, ddp_warmup_steps=5, start_method=START_METHOD)
     callbacks = [ModelCheckpoint(dirpath=str(ckpt_dir), save_top_k=-1, every_n_epochs=1)] if ckpt_dir else []
     trainer = quiet_trainer(strategy=strategy, max_epochs=4, limit_val_batches=0, callbacks=callbacks,
                             enable_checkpointing=bool(ckpt_dir))
