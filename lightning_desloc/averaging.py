@@ -94,9 +94,10 @@ def _chunk_numels(numel: int, world: int) -> list[int]:
     return [max(0, min(size, numel - j * size)) for j in range(world)]
 
 
-def _pack(bucket: Sequence[Tensor], world: int) -> Tensor:
+def _pack(bucket: Sequence[Tensor], world: int, contribution: Optional["Contribution"] = None) -> Tensor:
     """A new flat tensor holding ``bucket``'s values in order; for a bfloat16/float16 bucket with room
-    (zeros) for ``world`` whole chunks, where the all-gather of the mean chunks lands."""
+    (zeros) for ``world`` whole chunks, where the all-gather of the mean chunks lands. With a
+    ``contribution`` whose flag is False, every tensor but its ``exempt`` ones is packed as zeros."""
     numel = _numel(bucket)
     padded = _chunk_numel(numel, world) * world if bucket[0].dtype in LOW_PRECISION else numel
     flat = torch.empty(padded, dtype=bucket[0].dtype, device=bucket[0].device)
@@ -105,7 +106,39 @@ def _pack(bucket: Sequence[Tensor], world: int) -> Tensor:
         flat[offset : offset + t.numel()].view(t.shape).copy_(t.detach())
         offset += t.numel()
     flat[numel:].zero_()
+    if contribution is not None:
+        contribution.mask_(flat, bucket)
     return flat
+
+
+class Contribution:
+    """Whether this rank's values count in a round (``on_nonfinite``): ``counts`` is a 0-dim bool tensor
+    computed on the device before the round (never read by the host during the step); where it is False
+    the rank sends zeros for every tensor except ``exempt`` ones (the control tensor, which carries the
+    flag itself). Masking is ``masked_fill`` on each packed flat bucket, not a multiplication by the flag:
+    ``NaN * 0`` is NaN. The mean then holds ``sum over counted ranks / M``; the caller rescales it."""
+
+    def __init__(self, counts: Tensor, exempt: Sequence[Tensor] = ()) -> None:
+        self.drop = torch.logical_not(counts)
+        self.exempt = {id(t) for t in exempt}
+
+    def mask_(self, flat: Tensor, bucket: Sequence[Tensor]) -> None:
+        """Zero ``flat``'s slices of ``bucket``'s non-exempt tensors where the rank does not count: one
+        ``masked_fill_`` per run of consecutive non-exempt tensors (one per bucket, usually)."""
+        # a bucket on another device than the flag's (rare: the round's tensors share the parameters'
+        # device) needs the flag there: a device-to-device copy of one byte
+        drop = self.drop if self.drop.device == flat.device else self.drop.to(flat.device)
+        offset, start = 0, None
+        for t in bucket:
+            if id(t) in self.exempt:
+                if start is not None and start < offset:
+                    flat[start:offset].masked_fill_(drop, 0)
+                start = None
+            elif start is None:
+                start = offset
+            offset += t.numel()
+        if start is not None and start < offset:
+            flat[start:offset].masked_fill_(drop, 0)
 
 
 def _unpadded(flat: Tensor, numel: int) -> Tensor:
@@ -280,9 +313,11 @@ def average_round(
     group: Optional[Any],
     bucket_cap_bytes: int,
     compression: Optional[CompressionPlan] = None,
+    contribution: Optional[Contribution] = None,
 ) -> tuple[dict[str, int], int]:
     """How a round averages, for a group of ``world`` ranks: returns the payload bytes per category and
-    the number of collective calls issued.
+    the number of collective calls issued. ``contribution``: whether this rank's values count
+    (:class:`Contribution`; exact categories only).
 
     Exact categories are grouped by dtype and device and packed into flat buckets of at most
     ``bucket_cap_bytes``; float32/float64 buckets are all-reduced (a sum) and divided by ``world``,
@@ -308,16 +343,18 @@ def average_round(
     for t in exact:
         if not t.is_floating_point():
             raise TypeError(f"only floating tensors can be averaged, got {t.dtype}")
+    if contribution is not None and coded:
+        raise ValueError("a round whose contribution may be masked (on_nonfinite) cannot carry compressed categories")
     with torch.no_grad():
-        calls = _run_two_at_a_time(_stages(exact, coded, world, group, bucket_cap_bytes))
+        calls = _run_two_at_a_time(_stages(exact, coded, world, group, bucket_cap_bytes, contribution))
     return dict(sent), calls
 
 
 def _stages(exact: Sequence[Tensor], coded: Sequence[tuple[Sequence[Tensor], Any]], world: int,
-            group: Optional[Any], bucket_cap_bytes: int) -> Iterator[Any]:
+            group: Optional[Any], bucket_cap_bytes: int, contribution: Optional[Contribution] = None) -> Iterator[Any]:
     """The round's stages, each packed and issued only when the pipeline asks for it."""
     for bucket in kind_buckets(exact, bucket_cap_bytes):
-        yield _BucketStage(bucket, world, group)
+        yield _BucketStage(bucket, world, group, contribution)
     if coded:
         yield _CodedStage(coded, world, group)
 
@@ -341,9 +378,10 @@ class _BucketStage:
     """One exact bucket of a blocking round: packed and its collectives issued at construction, the mean
     copied back into the tensors by :meth:`finish`, which also drops the flat buffer."""
 
-    def __init__(self, bucket: Sequence[Tensor], world: int, group: Optional[Any]) -> None:
+    def __init__(self, bucket: Sequence[Tensor], world: int, group: Optional[Any],
+                 contribution: Optional[Contribution] = None) -> None:
         self.bucket = bucket
-        self.work = _start_mean(_pack(bucket, world), _numel(bucket), world, group, keep_flat=False)
+        self.work = _start_mean(_pack(bucket, world, contribution), _numel(bucket), world, group, keep_flat=False)
         self.calls = self.work.calls
 
     def finish(self) -> None:

@@ -556,6 +556,7 @@ def save(
     consensus (:func:`consensus`, with ``modules`` and ``module_means``) and the core's shared state, the
     shard the values as they are and the core's local state."""
     filepath = str(filepath)
+    core.settle_control()  # on_nonfinite: raise, or heal every rank fully, before anything is saved
     comm = core.comm
     world, rank = comm.world_size, comm.rank
     fingerprint = model_fingerprint([checkpoint[k] for k in layout.modules if isinstance(checkpoint.get(k), Mapping)])

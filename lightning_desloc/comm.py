@@ -33,6 +33,7 @@ from torch import Tensor
 from lightning_desloc.averaging import (
     DEFAULT_BUCKET_CAP_BYTES,
     LOW_PRECISION,
+    Contribution,
     average_round,
     broadcast_round,
     kind_buckets,
@@ -104,12 +105,16 @@ class Comm:
         *,
         bucket_cap_bytes: int = DEFAULT_BUCKET_CAP_BYTES,
         compression: Optional[CompressionPlan] = None,
+        contribution: Optional[Contribution] = None,
     ) -> None:
         """Replace every tensor by its mean over the group, in one coalesced round (see
-        :func:`~lightning_desloc.averaging.average_round`); one ledger round, bytes per category."""
+        :func:`~lightning_desloc.averaging.average_round`); one ledger round, bytes per category.
+        ``contribution``: this rank sends zeros (but for its exempt tensors) where its flag is False
+        (:class:`~lightning_desloc.averaging.Contribution`, ``on_nonfinite``)."""
         if not self.distributed or not any(tensors_by_category.values()):
             return
-        sent, calls = average_round(tensors_by_category, self.world_size, self.group, bucket_cap_bytes, compression)
+        sent, calls = average_round(tensors_by_category, self.world_size, self.group, bucket_cap_bytes, compression,
+                                    contribution)
         self.ledger.record(sent, calls)
 
     def start_average(self, tensors_by_category: Mapping[str, Sequence[Tensor]], *,

@@ -34,6 +34,7 @@ from typing import Any, Literal, Optional, Union
 
 from lightning_desloc.compression import Compression, parse_compression
 from lightning_desloc.groups import GRADIENTS_EVERY_STEP, make_group_schedule
+from lightning_desloc.nonfinite import NONFINITE_MODES, OnNonfinite
 from lightning_desloc.schedule import FragmentedSchedule, StatePolicy, StateSyncEvery, SyncSchedule
 
 ValidateOn = Literal["consensus", "local"]
@@ -151,6 +152,8 @@ class DeslocConfig:
     fragments: int = 1
     #: seconds without a peer's heartbeat after which a rank exits (``None``: no liveness watchdog)
     peer_timeout_s: Optional[float] = 30.0
+    #: a rank whose round is not finite: ``None`` (averaged in, as DDP), ``"heal"`` or ``"raise"``
+    on_nonfinite: OnNonfinite = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "compression", parse_compression(self.compression))
@@ -166,6 +169,7 @@ class DeslocConfig:
             raise ValueError(f"validate_on must be 'consensus' or 'local', got {self.validate_on!r}")
         self._check_overlap()
         self._check_fragments()
+        self._check_nonfinite()
         n = self.ddp_warmup_steps
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
             raise ValueError(f"ddp_warmup_steps must be a number of optimizer steps >= 0, got {n!r}; 0 starts "
@@ -200,6 +204,27 @@ class DeslocConfig:
             raise ValueError(f"overlap_steps={tau} must be shorter than every period, so that a category has "
                              f"one round in flight at most; {short} are not. Use overlap_steps < "
                              f"{min(periods.values())} or longer periods.")
+
+    def _check_nonfinite(self) -> None:
+        """``on_nonfinite``: one of its values, and none of the mechanisms whose rounds it cannot guard exactly."""
+        mode = self.on_nonfinite
+        if mode is None:
+            return
+        if mode not in NONFINITE_MODES:
+            raise ValueError(f"on_nonfinite must be None, 'heal' or 'raise', got {mode!r}; e.g. on_nonfinite='heal' "
+                             "averages over the finite ranks and goes on, 'raise' stops every rank with an error")
+        others = {"compression": bool(self.compression), "overlap_steps": self.overlap_steps != 0,
+                  "fragments": self.fragments != 1, "outer_lr": self.outer is not None,
+                  "max_drift": self.drift is not None, "param_sync_every='auto'": self.is_auto,
+                  "state_policy='reset'": self.state_policy == "reset",
+                  "ddp_warmup_steps": self.ddp_warmup_steps != 0, "group_size": self.hierarchy is not None}
+        if mode == "heal":  # healing averages the states once: not with states that are meant to stay local
+            others["state_policy='keep_local'"] = self.state_policy == "keep_local"
+        clash = [name for name, on in others.items() if on]
+        if clash:
+            raise ValueError(
+                f"on_nonfinite={mode!r} cannot be combined with {', '.join(clash)} yet (the guard leaves a rank out of "
+                "exact, blocking, whole-model rounds of one level only). Remove them, or use on_nonfinite=None.")
 
     def _check_fragments(self) -> None:
         f = self.fragments
@@ -394,6 +419,17 @@ ARGUMENT_DOCS: dict[str, str] = {
         ``peer_timeout_s / 6`` seconds, independent of training: a long round, a slow rank or a long save is
         not a silence; a dead, frozen or unreachable process is (:mod:`lightning_desloc.liveness`). ``None``:
         off, no thread. With one rank nothing runs.""",
+    "on_nonfinite": """what a round does with a rank whose values are not finite (NaN or inf in its
+        parameters or in a due state). ``None`` (default): nothing, the NaN is averaged into every rank, as
+        DDP does. ``"heal"``: the rank is left out of the round, every rank takes the mean of the finite
+        ranks, rank 0 logs a warning naming the rank(s) and the step, and at the next optimizer step one
+        more round averages the parameters and every state over the finite ranks, so that the bad rank's
+        states are replaced too (``comm/healed_ranks`` counts the ranks left out). ``"raise"``: the same
+        round, then every rank raises ``FloatingPointError`` at the next optimizer step. Each rank's flag
+        rides on the round (4 bytes per rank, category ``control``): no extra collective, no host
+        synchronisation. Not yet with compression, ``overlap_steps``, ``fragments``, ``outer_lr``,
+        ``max_drift``, ``"auto"``, ``ddp_warmup_steps``, ``group_size`` or ``state_policy="reset"`` (nor
+        ``"keep_local"`` with ``"heal"``). See ``docs/checkpointing.md``, "A rank that goes non-finite".""",
     "allow_consensus_fallback": """on resume, a truncated, corrupt or foreign per-rank shard raises
         :class:`~lightning_desloc.checkpoint.CheckpointShardError` (default). ``True`` starts every rank
         from the consensus in the main checkpoint file instead, with a warning. See ``docs/checkpointing.md``.""",

@@ -75,6 +75,7 @@ from lightning_desloc.adapters import (
 )
 from lightning_desloc.compression import Compression
 from lightning_desloc.config import DEFAULT_BUCKET_CAP_MB, args_section
+from lightning_desloc.nonfinite import OnNonfinite
 from lightning_desloc.schedule import StatePolicy, StateSyncEvery, SyncPlan
 from lightning_desloc.sync import float_buffers
 
@@ -83,6 +84,7 @@ DESLOC_ARGUMENTS = (
     "param_sync_every", "state_sync_every", "state_policy", "compression", "outer_lr", "outer_momentum",
     "outer_nesterov", "comm_budget", "total_steps", "min_param_syncs", "max_drift", "drift_check_every",
     "bucket_cap_mb", "allow_consensus_fallback", "overlap_steps", "ddp_warmup_steps", "fragments", "peer_timeout_s",
+    "on_nonfinite",
 )
 
 __all__ = ["DeslocFabricStrategy"]
@@ -138,6 +140,7 @@ class DeslocFabricStrategy(MeteredCollectives, DDPStrategy):
         ddp_warmup_steps: int = 0,
         fragments: int = 1,
         peer_timeout_s: Optional[float] = 30.0,
+        on_nonfinite: OnNonfinite = None,
         accelerator: Optional[Accelerator] = None,
         parallel_devices: Optional[list[torch.device]] = None,
         cluster_environment: Optional[ClusterEnvironment] = None,

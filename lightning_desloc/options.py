@@ -3,9 +3,18 @@
 The core (:meth:`DeslocSync.after_step <lightning_desloc.sync.DeslocSync.after_step>`) runs each
 completed optimizer step the same way, top to bottom::
 
-    count the step  ->  ask each level's schedule what is due  ->  option.adjust(...)  (every option)
-      ->  run the rounds, innermost level first  ->  option.after_round(...)  (when the outermost
-      level averaged something)  ->  refresh the consensus snapshot  ->  log the ledger
+    read last round's control values  ->  option.read_control(...)  (an option with control slots)
+      ->  count the step  ->  ask each level's schedule what is due  ->  option.adjust(...)  (every option)
+      ->  run the rounds, innermost level first: the outermost is framed by option.before_round(...)
+      and option.round_landed(...)  ->  option.after_round(...)  (when the outermost level averaged
+      something)  ->  refresh the consensus snapshot  ->  log the ledger
+
+An option may put floats of its own on the control tensor that rides on every outermost round
+(:meth:`SyncOption.control_slots`): it writes them on the device before the round
+(:meth:`SyncOption.before_round`), sees their mean on the device when the round has landed
+(:meth:`SyncOption.round_landed`) and reads them on the host one optimizer step later
+(:meth:`SyncOption.read_control`), when the device has long finished the round: no host
+synchronisation in the step and no collective of its own.
 
 An option never runs a round of its own and the step never asks which options are on: the options
 are chosen once, from the config, when the core is built. Each owns its state: :meth:`state_dict` is
@@ -15,10 +24,11 @@ rank's shard otherwise.
 The options of this package: :class:`~lightning_desloc.adaptive.DriftTrigger` (adjust: an early
 parameter average), :class:`~lightning_desloc.adaptive.AutoPeriods` (adjust: time the warm-up;
 after_round: choose the periods), :class:`~lightning_desloc.outer.OuterStep` (after_round: the outer
-SGD step), :class:`ResetStates` (after_round: the ``"reset"`` baseline) and
+SGD step), :class:`ResetStates` (after_round: the ``"reset"`` baseline),
 :class:`~lightning_desloc.compression.CompressionOption` (the wire format of the outermost round, and
-its error-feedback memory). A new one subclasses :class:`SyncOption` and overrides what it needs;
-:class:`ResetStates` below is a complete example.
+its error-feedback memory) and :class:`~lightning_desloc.nonfinite.NonfiniteGuard` (``on_nonfinite``:
+control slots, before_round, round_landed, read_control, adjust). A new one subclasses
+:class:`SyncOption` and overrides what it needs; :class:`ResetStates` below is a complete example.
 """
 
 from __future__ import annotations
@@ -75,6 +85,25 @@ class SyncOption:
     def after_round(self, rnd: Round) -> Optional[Metrics]:
         """After the outermost round: act on its result; metrics returned are logged with the ledger."""
         return None
+
+    def control_slots(self, world: int) -> int:
+        """Floats this option adds to the control tensor of every outermost round of ``world`` ranks."""
+        return 0
+
+    def before_round(self, plan: SyncPlan, optimizer: Optimizer, due: dict[str, list[torch.Tensor]],
+                     slots: torch.Tensor) -> Optional[torch.Tensor]:
+        """Right before the outermost round of ``plan`` carries ``due`` (by ledger category): write this
+        option's ``slots`` (a view of the control tensor, zeroed) on the device. May return a 0-dim bool
+        tensor, whether this rank's values count in the round (False: it sends zeros)."""
+        return None
+
+    def round_landed(self, due: dict[str, list[torch.Tensor]], slots: torch.Tensor) -> None:
+        """The round's mean is in ``due``'s tensors and ``slots`` holds the mean over ranks of this option's
+        control slots, on the device: act on them without reading them on the host."""
+
+    def read_control(self, values: list[float]) -> None:
+        """One optimizer step after a round (or at the end of fit): the host values of :meth:`round_landed`'s
+        ``slots``; equal on every rank, so a decision taken here (an error) is taken by every rank."""
 
     def state_dict(self) -> dict[str, Any]:
         return {}

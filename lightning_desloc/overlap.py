@@ -92,8 +92,14 @@ class BlockingRounds:
     applies_now = True
 
     def average(self, comm: Any, tensors: Mapping[str, Sequence[Tensor]], *, index: int, plan: SyncPlan,
-                bucket_cap_bytes: int, on_control: Callable[[Tensor], None], compression: Any = None) -> None:
-        comm.average_(tensors, bucket_cap_bytes=bucket_cap_bytes, compression=compression)
+                bucket_cap_bytes: int, on_control: Callable[[Tensor], None], compression: Any = None,
+                contribution: Any = None) -> None:
+        """Average ``tensors`` now (``contribution``: whether this rank's values count, ``on_nonfinite``)."""
+        if contribution is None:  # the keyword only reaches the comm when set: a comm without it still works
+            comm.average_(tensors, bucket_cap_bytes=bucket_cap_bytes, compression=compression)
+        else:
+            comm.average_(tensors, bucket_cap_bytes=bucket_cap_bytes, compression=compression,
+                          contribution=contribution)
         if tensors.get("control"):
             on_control(tensors["control"][0])
 
@@ -128,7 +134,10 @@ class OverlappedRounds(BlockingRounds):
     applies_now = False
 
     def average(self, comm: Any, tensors: Mapping[str, Sequence[Tensor]], *, index: int, plan: SyncPlan,
-                bucket_cap_bytes: int, on_control: Callable[[Tensor], None], compression: Any = None) -> None:
+                bucket_cap_bytes: int, on_control: Callable[[Tensor], None], compression: Any = None,
+                contribution: Any = None) -> None:
+        if contribution is not None:  # DeslocConfig rejects on_nonfinite with overlap_steps
+            raise ValueError("on_nonfinite cannot be combined with overlap_steps yet")
         tensors = {cat: list(ts) for cat, ts in tensors.items() if ts}
         if not tensors:
             return

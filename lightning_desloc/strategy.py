@@ -36,6 +36,7 @@ from lightning_desloc.adapters import (
 from lightning_desloc.compression import Compression
 from lightning_desloc.config import DEFAULT_BUCKET_CAP_MB, ValidateOn, args_section
 from lightning_desloc.ledger import CommLedger
+from lightning_desloc.nonfinite import OnNonfinite
 from lightning_desloc.schedule import StatePolicy, StateSyncEvery, SyncPlan
 from lightning_desloc.sigterm import stop_on_rounds
 from lightning_desloc.sync import averaged_state_keys
@@ -50,6 +51,7 @@ DESLOC_ARGUMENTS = (
     "outer_momentum", "outer_nesterov", "group_size", "group_param_sync_every", "group_state_sync_every",
     "comm_budget", "min_param_syncs", "max_drift", "drift_check_every", "bucket_cap_mb", "log_comm",
     "allow_consensus_fallback", "overlap_steps", "ddp_warmup_steps", "fragments", "peer_timeout_s",
+    "on_nonfinite",
 )
 
 
@@ -138,6 +140,7 @@ class DeslocStrategy(MeteredCollectives, DDPStrategy):
         ddp_warmup_steps: int = 0,
         fragments: int = 1,
         peer_timeout_s: Optional[float] = 30.0,
+        on_nonfinite: OnNonfinite = None,
         accelerator: Optional["pl.accelerators.Accelerator"] = None,
         parallel_devices: Optional[list[torch.device]] = None,
         cluster_environment: Optional[ClusterEnvironment] = None,

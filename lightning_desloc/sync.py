@@ -18,7 +18,9 @@ stepped. :meth:`DeslocSync.after_step` then runs, top to bottom:
    ``"auto"``'s timing);
 4. run the rounds, innermost level first, each one coalesced round through its level's ``Comm``
    (:mod:`lightning_desloc.averaging`); a level also carries what the levels above it have due, so
-   that the outermost round gives the mean over all ranks;
+   that the outermost round gives the mean over all ranks; the options with control slots frame the
+   outermost round (``on_nonfinite``: each rank's finiteness flag, the masking, the correction) and
+   read their slots on the host one step later, where the signals are read;
 5. let the options act on the outermost round (the outer step, the ``reset`` baseline, ``"auto"``'s
    choice) and refresh the consensus snapshot (:mod:`lightning_desloc.snapshot`);
 6. log the ledger.
@@ -62,11 +64,13 @@ from torch.nn import Module
 from torch.optim import Optimizer
 
 from lightning_desloc.adaptive import AutoPeriods, DriftTrigger, WarmupSchedule
+from lightning_desloc.averaging import Contribution
 from lightning_desloc.comm import Comm
 from lightning_desloc.compression import CompressionOption, CompressionPlan
 from lightning_desloc.config import DeslocConfig
 from lightning_desloc.groups import check_group_keys, within_group_plan
 from lightning_desloc.ledger import CommLedger
+from lightning_desloc.nonfinite import NonfiniteGuard
 from lightning_desloc.options import Metrics, ResetStates, Round, SyncOption, is_averaged
 from lightning_desloc.outer import OuterOptimizer
 from lightning_desloc.overlap import BlockingRounds, OverlappedRounds
@@ -185,6 +189,8 @@ def build_options(config: DeslocConfig, snapshot: ConsensusSnapshot, level: Leve
                   info: Optional[Callable[[str], None]]) -> list[SyncOption]:
     """The options the config turns on, in the order they are called (see :mod:`lightning_desloc.options`)."""
     options: list[SyncOption] = []
+    if config.on_nonfinite is not None:  # first: its correction must land before any other option reads the round
+        options.append(NonfiniteGuard(config.on_nonfinite))
     if config.drift is not None:
         options.append(DriftTrigger(config.drift, snapshot, level))
     if config.is_auto:
@@ -270,6 +276,8 @@ class DeslocSync:
         self._state_keys: list[Optional[tuple[str, ...]]] = []
         self._raised: set[str] = set()
         self._signal_buffer: Optional[Tensor] = None
+        #: the options' floats on the control tensor, after the signals: (option, its slice); set with the buffer
+        self._control_slices: list[tuple[SyncOption, slice]] = []
         self._unread_signals = False
         #: the signals (:data:`SIGNALS`) some rank had raised by the last outermost round; equal on every
         #: rank, read one optimizer step after that round
@@ -400,10 +408,20 @@ class DeslocSync:
         return name in self._raised
 
     def _signals_for_round(self, device: torch.device) -> Tensor:
-        """The flags this rank sends: one float per signal, set with scalar fills (no host transfer)."""
+        """The control tensor this rank sends: one float per signal, set with scalar fills (no host
+        transfer), then the options' slots (:meth:`SyncOption.control_slots`: ``on_nonfinite``'s one flag
+        per rank of the outermost level), zeroed here and written by the options before the round."""
         self._read_signals()  # a round that arrived at this very step must not be overwritten unread
         if self._signal_buffer is None or self._signal_buffer.device != device:
-            self._signal_buffer = torch.zeros(len(SIGNALS), dtype=torch.float32, device=device)
+            outer = self.levels[-1].comm
+            world = outer.world_size if outer is not None else 1
+            start, self._control_slices = len(SIGNALS), []
+            for option in self.options:
+                n = option.control_slots(world)
+                if n:
+                    self._control_slices.append((option, slice(start, start + n)))
+                    start += n
+            self._signal_buffer = torch.zeros(start, dtype=torch.float32, device=device)
         buf = self._signal_buffer
         buf.zero_()
         for name in self._raised:
@@ -422,6 +440,40 @@ class DeslocSync:
             values = self._signal_buffer.tolist()
             self.agreed = frozenset(name for name, v in zip(SIGNALS, values) if v > 0)
             self._unread_signals = False
+            for option, where in self._control_slices:  # may raise (on_nonfinite="raise"): on every rank alike
+                option.read_control(values[where])
+
+    def settle_control(self) -> None:
+        """Read the last round's control values now instead of at the next step, and run the round they
+        call for (``on_nonfinite="heal"``'s full round) at once: before a checkpoint save and at the end of
+        fit, so that what is saved or kept is settled. Collective: call on every rank. Does nothing when
+        no option puts values on the control tensor (the signals keep their one-step timing)."""
+        if not self._control_slices:
+            return
+        self._read_signals()  # a host read: outside the step, where waiting for the device is fine
+        for index, optimizer in enumerate(self.optimizers):
+            step = self.optimizer_steps[index] - self.config.ddp_warmup_steps
+            plan = SyncPlan(step, False)
+            for option, _ in self._control_slices:
+                plan = option.adjust(step, plan, optimizer)
+            if not plan.empty:
+                keys = self._state_keys[index] or tuple(sorted(averaged_state_keys(optimizer)))
+                plans = [SyncPlan(step, False)] * (len(self.levels) - 1) + [plan]
+                self._run_rounds(optimizer, plans, keys, with_buffers=index == 0)
+
+    def _before_round(self, plan: SyncPlan, optimizer: Optimizer, due: dict[str, list[Tensor]],
+                      control: Tensor) -> Optional[Contribution]:
+        """The options with control slots write them for the outermost round; a flag from any of them
+        (a 0-dim bool device tensor) says whether this rank's values count in it."""
+        flags = [flag for option, where in self._control_slices
+                 if (flag := option.before_round(plan, optimizer, due, control[where])) is not None]
+        if not flags:
+            return None
+        return Contribution(flags[0] if len(flags) == 1 else torch.stack(flags).all(), exempt=[control])
+
+    def _round_landed(self, due: dict[str, list[Tensor]], control: Tensor) -> None:
+        for option, where in self._control_slices:
+            option.round_landed(due, control[where])
 
     # ------------------------------------------------------------------ the step
     def begin_step(self, optimizer: Optimizer) -> int:
@@ -557,9 +609,12 @@ class DeslocSync:
             return None
         start = time.perf_counter()
         assert outer.comm is not None
-        self.rounds.average(outer.comm, {**self._due_tensors(optimizer, carried, with_buffers), "control": [signals]},
+        due = self._due_tensors(optimizer, carried, with_buffers)
+        contribution = self._before_round(carried, optimizer, due, signals)  # on_nonfinite: this rank's flag
+        self.rounds.average(outer.comm, {**due, "control": [signals]},
                             index=self.index_of(optimizer) or 0, plan=carried, bucket_cap_bytes=self.bucket_cap_bytes,
-                            on_control=self._signals_arrived, compression=self._wire)
+                            on_control=self._signals_arrived, compression=self._wire, contribution=contribution)
+        self._round_landed(due, signals)  # on_nonfinite: the mean of the counted ranks
         for level in self.levels[:-1]:  # an inner level without a round now still has to hear them
             if level.last_plan is None and level.comm is not None:
                 level.comm.average_({"control": [signals]})
@@ -664,15 +719,39 @@ class DeslocSync:
         """Leave every rank with the consensus parameters, as at the end of training: average them unless
         they already are (then nothing is sent), then the options act as after a parameter average (the
         outer step when ``outer_lr`` is set). Returns whether a round ran. A round still in flight is
-        applied first (the rules keep the mean, so the consensus is the same either way)."""
+        applied first (the rules keep the mean, so the consensus is the same either way), and the last
+        round's control values are settled (:meth:`settle_control`: ``on_nonfinite`` raises or heals here
+        rather than at a step that will not come)."""
         self._apply_all_rounds()
+        self.settle_control()
         if self.params_in_sync:
             return False
+        if self._control_slices and self._one_optimizer_holds(modules):
+            # on_nonfinite: the last average is a guarded round too (the parameters, the signals and the
+            # flags), settled at once: a rank that went non-finite after the last scheduled round is left
+            # out (and healed, or every rank raises) instead of spreading into the final model
+            step = self.optimizer_steps[0] - self.config.ddp_warmup_steps
+            keys = self._state_keys[0] or tuple(sorted(averaged_state_keys(self.optimizers[0])))
+            plans = [SyncPlan(step, False)] * (len(self.levels) - 1) + [SyncPlan(step, True)]
+            self._run_rounds(self.optimizers[0], plans, keys, with_buffers=True)
+            self.settle_control()
+            return True
         self.average_parameters(modules)
         if self.optimizers:
             step = self.optimizer_steps[0]
             self._after_round(Round(step, self.optimizers[0], SyncPlan(step, params=True), (), 0.0))
         return True
+
+    def _one_optimizer_holds(self, modules: Union[Module, Sequence[Module]]) -> bool:
+        """Whether a round of optimizer 0's parameters (and the buffers) averages exactly what
+        :meth:`average_parameters` would for ``modules``: one optimizer holding all their trained parameters."""
+        if len(self.optimizers) != 1:
+            return False
+        modules = [modules] if isinstance(modules, Module) else list(modules)
+        held = {id(p) for p in optimizer_params(self.optimizers[0]) if not self.is_frozen(p)}
+        wanted = {id(p) for p in unique_parameters(modules) if not self.is_frozen(p)}
+        buffers = {id(b) for b in self.buffers()} if self.buffers is not None else set()
+        return held == wanted and buffers == {id(b) for b in float_buffers(modules)}
 
     # ------------------------------------------------------------------ metrics and state
     def ledger_metrics(self) -> Metrics:

@@ -67,7 +67,9 @@ class FakeComm:
         if self.distributed:
             self.ledger.record({category: int(nbytes)})
 
-    def average_(self, tensors_by_category, *, bucket_cap_bytes: int = 0, compression=None) -> None:
+    def average_(self, tensors_by_category, *, bucket_cap_bytes: int = 0, compression=None, contribution=None) -> None:
+        """``contribution`` (``on_nonfinite``): where its flag is False this rank hands over zeros for every
+        tensor but the exempt ones (the control tensor)."""
         cats = tuple(c for c, ts in tensors_by_category.items() if ts)
         if not self.distributed or not cats:
             return
@@ -85,7 +87,11 @@ class FakeComm:
                 coded.append((ts, memory, m))
                 messages.append(memory.codec.encode(m))
                 sent[cat] += memory.codec.nbytes(m.numel())
-        everyone = self.group.exchange(self.member, ([t.detach().clone() for t in exact], messages))
+        mine = [t.detach().clone() for t in exact]
+        if contribution is not None:
+            mine = [m if id(t) in contribution.exempt else torch.where(contribution.drop, torch.zeros_like(m), m)
+                    for t, m in zip(exact, mine)]
+        everyone = self.group.exchange(self.member, (mine, messages))
         world = self.group.size
         with torch.no_grad():
             for i, t in enumerate(exact):

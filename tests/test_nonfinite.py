@@ -1,0 +1,423 @@
+"""``on_nonfinite``: a rank whose round holds a NaN or inf, on real gloo processes.
+
+Expectations come from a small simulator written here from the rule alone (no package code): M
+workers of the reference model (``reference.py``: its data, its float64 Adam by hand, its gradient with
+``loss * inf`` on the poisoned call); right after step ``s`` everything due is averaged over the workers
+whose due values are all finite, every worker takes that mean, and when a worker was left out of a
+round that did not carry the parameters and every state, the round after the next step carries all of
+them (itself over the finite workers). The default (``None``) is simulated too: a plain mean, NaN
+everywhere. Byte counts are worked out by hand.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+
+import reference as ref
+from fake_comm import run_on_threads
+from helpers import START_METHOD, Mlp, Recorder, run_on_processes
+from lightning_desloc import DeslocStrategy
+from lightning_desloc.comm import Comm
+from lightning_desloc.config import ARGUMENT_DOCS, DeslocConfig
+from lightning_desloc.fabric import DeslocFabricStrategy
+from lightning_desloc.sync import SIGNALS, DeslocSync
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+FLOAT32 = 4
+PERIODS = {"exp_avg": 12, "exp_avg_sq": 24}  # K_x = 4: step 8's round carries the parameters only
+ALL = ("params", "exp_avg", "exp_avg_sq")
+NAN_TOL = dict(rtol=1e-10, atol=1e-12, equal_nan=True)
+
+
+# --------------------------------------------------------------------------- the simulator
+def simulate(cfg: ref.Config, n_calls: int, workers: int, mode) -> list[list[dict]]:
+    """``history[c][m]``: worker ``m`` after call ``c`` and its round (``history[0]``: the start).
+    ``mode``: ``None`` (plain mean) or ``"heal"`` (mean of the finite workers, then a full round)."""
+    team = [ref.Worker(params=[p.clone() for p in ref.start_params(0, cfg.seed)]) for _ in range(workers)]
+    history = [[w.snapshot() for w in team]]
+    full_round_next = False
+    for s in range(1, n_calls + 1):
+        for m, w in enumerate(team):  # no AMP scaler: an infinite gradient goes into the update and the states
+            ref.adam_update(cfg, w, ref.gradient(cfg, w.params, m, s - 1), cfg.lr_at(s))
+        due = [what for what in ALL if (s % cfg.param_sync_every == 0 if what == "params"
+                                        else s % cfg.state_sync_every[what] == 0)]
+        if mode == "heal" and full_round_next:
+            due, full_round_next = list(ALL), False
+        if due:
+            def values(w, what):
+                return w.params if what == "params" else w.state[what]
+
+            finite = [all(bool(torch.isfinite(t).all()) for what in due for t in values(w, what)) for w in team]
+            counted = [w for w, ok in zip(team, finite) if ok or mode is None]
+            for what in due:
+                means = [torch.stack(ts).mean(dim=0) for ts in zip(*(values(w, what) for w in counted))]
+                for w in team:
+                    values(w, what)[:] = [m.clone() for m in means]
+            if mode == "heal" and not all(finite) and set(due) != set(ALL):
+                full_round_next = True
+        history.append([w.snapshot() for w in team])
+    return history
+
+
+def assert_matches(got: dict, want: dict, where: str) -> None:
+    torch.testing.assert_close(got["params"], want["params"], **NAN_TOL, msg=lambda m: f"{where}, params: {m}")
+    for key in want["state"]:
+        torch.testing.assert_close(got["state"][key], want["state"][key], **NAN_TOL,
+                                   msg=lambda m: f"{where}, {key}: {m}")
+
+
+def finite(snapshot: dict) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in [*snapshot["params"], *sum(snapshot["state"].values(), [])])
+
+
+# --------------------------------------------------------------------------- the core on real gloo processes
+def _train_core(rank: int, cfg: ref.Config, n_calls: int, mode, comm=None) -> dict:
+    """One rank: the reference model as plain leaf tensors, torch's Adam, the core over the world group
+    (or ``comm``: a thread of the fake)."""
+    params = [p.clone().requires_grad_(True) for p in ref.start_params(0, cfg.seed)]
+    opt = torch.optim.Adam(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+    core = DeslocSync(DeslocConfig(param_sync_every=cfg.param_sync_every, state_sync_every=cfg.state_sync_every,
+                                   on_nonfinite=mode), comm=comm if comm is not None else Comm())
+    core.attach([opt])
+    history = [{"params": [p.detach().clone() for p in params], "state": {}}]
+    messages: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: messages.append(record.getMessage())  # type: ignore[method-assign]
+    logging.getLogger("lightning_desloc.nonfinite").addHandler(handler)
+    raised = None
+    try:
+        for call in range(n_calls):
+            x, y = ref.make_batch(rank, call, cfg.seed)
+            loss = ref.loss_fn(params, x, y)
+            if cfg.skips(call, rank):
+                loss = loss * math.inf
+            opt.zero_grad()
+            loss.backward()
+            index = core.begin_step(opt)
+            opt.step()
+            try:
+                core.after_step(index, opt)
+            except FloatingPointError as err:
+                raised = (call + 1, str(err))
+                break
+            history.append({"params": [p.detach().clone() for p in params],
+                            "state": {k: [opt.state[p][k].clone() for p in params] for k in ("exp_avg", "exp_avg_sq")}})
+    finally:
+        logging.getLogger("lightning_desloc.nonfinite").removeHandler(handler)
+    return {"history": history, "raised": raised, "messages": messages, "bytes": dict(core.ledger.bytes),
+            "rounds": dict(core.ledger.rounds_by_category)}
+
+
+POISONED = ref.Config("adam", param_sync_every=4, state_sync_every=PERIODS, lr=2e-2,
+                      skip_calls=frozenset({7}), skip_ranks=frozenset({2}))  # step 8 on rank 2: a round step
+HEALTHY = ref.Config("adam", param_sync_every=4, state_sync_every=PERIODS, lr=2e-2)
+N_CALLS = 12
+
+
+def _three_ranks(rank: int, world: int, out: str) -> None:
+    runs = {mode: _train_core(rank, POISONED, N_CALLS, mode) for mode in (None, "heal", "raise")}
+    runs.update({f"healthy-{mode}": _train_core(rank, HEALTHY, N_CALLS, mode) for mode in (None, "heal")})
+    torch.save(runs, f"{out}/rank{rank}.pt")
+
+
+@pytest.fixture(scope="module")
+def three_ranks(tmp_path_factory):
+    out = tmp_path_factory.mktemp("nonfinite3")
+    run_on_processes(_three_ranks, 3, str(out))
+    return [torch.load(out / f"rank{r}.pt") for r in range(3)]
+
+
+def test_heal_gives_every_rank_the_finite_ranks_mean_then_a_full_round(three_ranks):
+    want = simulate(POISONED, N_CALLS, 3, "heal")
+    for r, run in enumerate(three_ranks):
+        got = run["heal"]["history"]
+        assert run["heal"]["raised"] is None and len(got) == N_CALLS + 1
+        for call in range(1, N_CALLS + 1):
+            assert_matches(got[call], want[call][r], f"rank {r} after step {call}")
+        assert finite(got[8]) or r == 2  # step 8's round gave rank 2 the parameters; its states are still NaN
+        assert all(finite(got[c]) for c in range(9, N_CALLS + 1)), f"rank {r} not healed by step 9's full round"
+    assert not finite(three_ranks[2]["heal"]["history"][8])
+    # after step 9's full round every rank holds the same parameters and states
+    for key in ("params", "exp_avg", "exp_avg_sq"):
+        get = (lambda h: h["params"]) if key == "params" else (lambda h, k=key: h["state"][k])
+        assert all(torch.equal(a, b) for r in (1, 2) for a, b in
+                   zip(get(three_ranks[0]["heal"]["history"][9]), get(three_ranks[r]["heal"]["history"][9])))
+    # rank 0 warns (twice: step 8's round, and step 9's full round, which left rank 2 out again); the others not
+    messages = three_ranks[0]["heal"]["messages"]
+    assert len(messages) == 2 and all("rank(s) [2] of 3" in m for m in messages)
+    assert "after optimizer step 8" in messages[0] and "averages the parameters and every state once more" in messages[0]
+    assert "after optimizer step 9" in messages[1] and "they are healed" in messages[1]
+    assert three_ranks[1]["heal"]["messages"] == three_ranks[2]["heal"]["messages"] == []
+    # rounds: step 4 and 8 (parameters), 9 (everything: the full round), 12 (parameters and exp_avg)
+    assert three_ranks[0]["heal"]["rounds"] == {"params": 4, "state/exp_avg": 2, "state/exp_avg_sq": 1, "control": 4}
+
+
+def test_the_default_lets_a_nan_reach_every_rank(three_ranks):
+    want = simulate(POISONED, N_CALLS, 3, None)
+    for r, run in enumerate(three_ranks):
+        got = run[None]["history"]
+        for call in range(1, N_CALLS + 1):
+            assert_matches(got[call], want[call][r], f"rank {r} after step {call}")
+        assert finite(got[7]) and not torch.isfinite(got[8]["params"][0]).all(), f"rank {r}"
+        assert not torch.isfinite(got[N_CALLS]["params"][0]).any()
+        assert run[None]["messages"] == []
+
+
+def test_raise_stops_every_rank_at_the_same_step(three_ranks):
+    for r, run in enumerate(three_ranks):
+        step, message = run["raise"]["raised"]
+        assert step == 9, f"rank {r} raised after step {step}"  # step 8's round, read one step later
+        assert "rank(s) [2] of 3" in message and "after optimizer step 8" in message and "params" in message
+        assert "Lower the learning rate" in message and "on_nonfinite='heal'" in message
+        # the round itself already left rank 2 out: every rank holds the finite ranks' parameters
+        assert torch.isfinite(run["raise"]["history"][8]["params"][0]).all()
+
+
+def test_a_healthy_run_is_bit_identical_and_the_flags_cost_4_bytes_per_rank_per_round(three_ranks):
+    for r, run in enumerate(three_ranks):
+        guarded, plain = run["healthy-heal"], run["healthy-None"]
+        for call, (a, b) in enumerate(zip(guarded["history"], plain["history"])):
+            assert all(torch.equal(x, y) for x, y in zip(a["params"], b["params"])), f"rank {r} step {call}"
+            for key in b["state"]:
+                assert all(torch.equal(x, y) for x, y in zip(a["state"][key], b["state"][key])), (r, call, key)
+        rounds = plain["rounds"]["control"]
+        assert rounds == 3  # steps 4, 8, 12
+        assert plain["bytes"]["control"] == rounds * len(SIGNALS) * FLOAT32
+        assert guarded["bytes"]["control"] == rounds * (len(SIGNALS) + 3) * FLOAT32  # + one float per rank
+        assert {k: v for k, v in guarded["bytes"].items() if k != "control"} == \
+               {k: v for k, v in plain["bytes"].items() if k != "control"}
+
+
+def _two_ranks_float32(rank: int, world: int, out: str) -> None:
+    """A float32 MLP: its parameters share the float32 bucket with the control tensor (which the guard
+    lengthens by one float per rank); with two ranks each element's sum is a + b in any order."""
+    runs = {}
+    for mode in (None, "heal"):
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Linear(16, 24), torch.nn.Tanh(), torch.nn.Linear(24, 4))
+        opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+        core = DeslocSync(DeslocConfig(param_sync_every=2, state_sync_every=4, on_nonfinite=mode), comm=Comm())
+        core.attach([opt])
+        g = torch.Generator().manual_seed(rank)
+        history = []
+        for _ in range(8):
+            x = torch.randn(8, 16, generator=g)
+            torch.nn.functional.mse_loss(net(x), x[:, :4] * (1 + rank)).backward()
+            index = core.begin_step(opt)
+            opt.step()
+            core.after_step(index, opt)
+            opt.zero_grad()
+            history.append([p.detach().clone() for p in net.parameters()])
+        runs[mode] = {"history": history, "bytes": dict(core.ledger.bytes)}
+    torch.save(runs, f"{out}/rank{rank}.pt")
+
+
+def test_a_healthy_float32_run_sharing_the_control_bucket_is_bit_identical(tmp_path):
+    run_on_processes(_two_ranks_float32, 2, str(tmp_path))
+    for r in range(2):
+        runs = torch.load(tmp_path / f"rank{r}.pt")
+        for step, (a, b) in enumerate(zip(runs["heal"]["history"], runs[None]["history"]), start=1):
+            assert all(torch.equal(x, y) for x, y in zip(a, b)), f"rank {r} after step {step}"
+        assert runs[None]["bytes"]["control"] == 4 * len(SIGNALS) * FLOAT32  # rounds at steps 2, 4, 6, 8
+        assert runs["heal"]["bytes"]["control"] == 4 * (len(SIGNALS) + 2) * FLOAT32
+
+
+def test_heal_through_the_fake_comm_matches_the_simulation_too():
+    """The single-process fake (threads) masks and rescales as the real round does."""
+    runs = run_on_threads(lambda rank, world, comm: _train_core(rank, POISONED, 10, "heal", comm), 3)
+    want = simulate(POISONED, 10, 3, "heal")
+    for r, run in enumerate(runs):
+        for call in range(1, 11):
+            assert_matches(run["history"][call], want[call][r], f"rank {r} after step {call}")
+
+
+def _nan_after_the_last_round(rank: int, world: int, comm, mode: str):
+    """K_x = 4, 6 steps, rank 1's last gradient infinite: only the end of fit's consensus round can see it."""
+    torch.manual_seed(0)
+    net = torch.nn.Linear(3, 2)
+    opt = torch.optim.Adam(net.parameters(), lr=0.1)
+    core = DeslocSync(DeslocConfig(param_sync_every=4, state_sync_every=8, on_nonfinite=mode), comm=comm)
+    core.attach([opt])
+    g = torch.Generator().manual_seed(rank)
+    for step in range(1, 7):
+        loss = net(torch.randn(4, 3, generator=g)).pow(2).mean()
+        (loss * (math.inf if (rank, step) == (1, 6) else 1.0)).backward()
+        index = core.begin_step(opt)
+        opt.step()
+        core.after_step(index, opt)
+        opt.zero_grad()
+    before = [p.detach().clone() for p in net.parameters()]
+    states = [opt.state[p][k].clone() for p in net.parameters() for k in ("exp_avg", "exp_avg_sq")]
+    core.reach_consensus(net)
+    return before, states, [p.detach().clone() for p in net.parameters()], \
+        [opt.state[p][k].clone() for p in net.parameters() for k in ("exp_avg", "exp_avg_sq")]
+
+
+def test_the_end_of_fit_consensus_is_guarded_too():
+    (before0, states0, after0, states_after0), (before1, _, after1, states_after1) = \
+        run_on_threads(_nan_after_the_last_round, 2, "heal")
+    assert not all(bool(torch.isfinite(p).all()) for p in before1)
+    # rank 1 left out of the final average and of the full round after it: rank 0's own values everywhere
+    for mine, a, b in zip(before0, after0, after1):
+        assert torch.equal(mine, a) and torch.equal(mine, b)
+    for mine, a, b in zip(states0, states_after0, states_after1):
+        assert torch.equal(mine, a) and torch.equal(mine, b)
+    with pytest.raises(FloatingPointError, match=r"rank\(s\) \[1\] of 2 .* after optimizer step 6"):
+        run_on_threads(_nan_after_the_last_round, 2, "raise")
+
+
+def _settled_before_a_save(rank: int, world: int, comm):
+    """POISONED up to step 8 (rank 2 left out of its parameter round), then what a save does first."""
+    params = [p.clone().requires_grad_(True) for p in ref.start_params(0, POISONED.seed)]
+    opt = torch.optim.Adam(params, lr=POISONED.lr)
+    core = DeslocSync(DeslocConfig(param_sync_every=4, state_sync_every=PERIODS, on_nonfinite="heal"), comm=comm)
+    core.attach([opt])
+    for call in range(8):
+        x, y = ref.make_batch(rank, call, POISONED.seed)
+        loss = ref.loss_fn(params, x, y) * (math.inf if POISONED.skips(call, rank) else 1.0)
+        opt.zero_grad()
+        loss.backward()
+        index = core.begin_step(opt)
+        opt.step()
+        core.after_step(index, opt)
+    core.settle_control()  # checkpoint.save's first call: the full round runs now, not after step 9
+    return [t.detach().clone() for p in params for t in (p, opt.state[p]["exp_avg"], opt.state[p]["exp_avg_sq"])]
+
+
+def test_a_save_right_after_a_healed_round_saves_healed_states():
+    ranks = run_on_threads(_settled_before_a_save, 3)
+    assert all(bool(torch.isfinite(t).all()) for t in ranks[2])
+    assert all(torch.equal(a, b) for other in ranks[1:] for a, b in zip(ranks[0], other))
+
+
+def test_one_process_with_a_nan_raises_even_when_healing():
+    """No finite rank (the only one is not): nothing to heal from."""
+    net = torch.nn.Linear(3, 1)
+    opt = torch.optim.Adam(net.parameters(), lr=0.1)
+    core = DeslocSync(DeslocConfig(param_sync_every=1, state_sync_every=1, on_nonfinite="heal"))
+    core.attach([opt])
+    for step in (1, 2):
+        (net(torch.randn(4, 3)).sum() * (math.inf if step == 1 else 1.0)).backward()
+        index = core.begin_step(opt)
+        opt.step()
+        if step == 1:
+            core.after_step(index, opt)
+        else:
+            with pytest.raises(FloatingPointError, match=r"rank\(s\) \[0\] of 1 .* step 1 .* no rank was finite"):
+                core.after_step(index, opt)
+
+
+# --------------------------------------------------------------------------- through the Trainer
+class Messages(Callback):
+    """Keeps the guard's log messages of this rank in a file at the end of fit."""
+
+    def __init__(self, out: str) -> None:
+        self.out = out
+
+    def setup(self, trainer, module, stage):
+        self.messages: list[str] = []
+        self.handler = logging.Handler()
+        self.handler.emit = lambda record: self.messages.append(record.getMessage())  # type: ignore[method-assign]
+        logging.getLogger("lightning_desloc.nonfinite").addHandler(self.handler)
+
+    def on_fit_end(self, trainer, module):
+        torch.save({"messages": self.messages}, f"{self.out}/messages{trainer.global_rank}.pt")
+
+
+class RaisingMlp(Mlp):
+    """Writes down, per rank, the exception its optimizer step raised and the step, then re-raises (a
+    callback's ``on_exception`` runs in the launcher's main process only)."""
+
+    out = ""
+
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None):
+        try:
+            super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        except Exception as err:
+            torch.save({"exception": (type(err).__name__, str(err)), "global_step": self.trainer.global_step},
+                       f"{self.out}/raised{self.global_rank}.pt")
+            raise
+
+
+def fit(out: Path, cfg: ref.Config, n_calls: int, mode: str) -> None:
+    strategy = DeslocStrategy(param_sync_every=cfg.param_sync_every, state_sync_every=cfg.state_sync_every,
+                              on_nonfinite=mode, start_method=START_METHOD)
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_epochs=1, limit_val_batches=0,
+                        use_distributed_sampler=False, enable_progress_bar=False, logger=False,
+                        enable_checkpointing=False, enable_model_summary=False,
+                        callbacks=[Recorder(str(out)), Messages(str(out))])
+    model = Mlp(cfg, n_calls) if mode != "raise" else RaisingMlp(cfg, n_calls)
+    model.out = str(out)
+    trainer.fit(model)
+
+
+TWO = ref.Config("adam", param_sync_every=4, state_sync_every=PERIODS, lr=2e-2,
+                 skip_calls=frozenset({6}), skip_ranks=frozenset({1}))  # step 7 on rank 1, between rounds
+
+
+@pytest.mark.timeout(180)
+def test_trainer_heal_matches_the_simulation_after_every_step(tmp_path):
+    n_calls = 10  # rounds after steps 4, 8 (parameters; rank 1 left out) and 9 (everything)
+    fit(tmp_path, TWO, n_calls, "heal")
+    want = simulate(TWO, n_calls, 2, "heal")
+    for r in range(2):
+        got = torch.load(tmp_path / f"rank{r}.pt")["history"]
+        for call in range(1, n_calls + 1):
+            assert_matches(got[call], want[call][r], f"rank {r} after step {call}")
+        assert all(finite(got[c]) for c in (9, 10))
+    assert not finite(torch.load(tmp_path / "rank1.pt")["history"][7])
+    logs = [torch.load(tmp_path / f"messages{r}.pt") for r in range(2)]
+    assert len(logs[0]["messages"]) == 2 and "rank(s) [1] of 2" in logs[0]["messages"][0]
+    assert "after optimizer step 8" in logs[0]["messages"][0] and logs[1]["messages"] == []
+
+
+@pytest.mark.timeout(180)
+def test_trainer_raise_ends_every_rank_with_floating_point_error(tmp_path):
+    with pytest.raises(Exception, match="FloatingPointError"):
+        fit(tmp_path, TWO, 12, "raise")
+    ends = [torch.load(tmp_path / f"raised{r}.pt") for r in range(2)]
+    for end in ends:
+        name, message = end["exception"]
+        assert name == "FloatingPointError" and "rank(s) [1] of 2" in message and "step 8" in message
+    assert ends[0]["global_step"] == ends[1]["global_step"]  # the same step on both ranks, no rank left waiting
+
+
+# --------------------------------------------------------------------------- configuration
+@pytest.mark.parametrize("others, named", [
+    (dict(compression="bf16"), "compression"),
+    (dict(overlap_steps=1), "overlap_steps"),
+    (dict(fragments=2), "fragments"),
+    (dict(outer_lr=0.7), "outer_lr"),
+    (dict(max_drift=0.1), "max_drift"),
+    (dict(param_sync_every="auto", state_sync_every=None), "param_sync_every='auto'"),
+    (dict(state_policy="reset", state_sync_every=None), "state_policy='reset'"),
+    (dict(ddp_warmup_steps=3), "ddp_warmup_steps"),
+    (dict(group_size=2), "group_size"),
+])
+def test_combinations_it_cannot_guard_yet_are_errors_naming_the_conflict(others, named):
+    arguments = dict(param_sync_every=4, state_sync_every=8, on_nonfinite="heal")
+    arguments.update(others)
+    with pytest.raises(ValueError, match="on_nonfinite='heal' cannot be combined with") as err:
+        DeslocConfig.from_arguments(**arguments)
+    assert named in str(err.value) and "on_nonfinite=None" in str(err.value)
+
+
+def test_config_values_and_signatures():
+    with pytest.raises(ValueError, match="on_nonfinite must be None, 'heal' or 'raise', got 'skip'"):
+        DeslocConfig(on_nonfinite="skip")
+    with pytest.raises(ValueError, match="keep_local"):
+        DeslocConfig(state_policy="keep_local", on_nonfinite="heal")
+    assert DeslocConfig(state_policy="keep_local", on_nonfinite="raise").on_nonfinite == "raise"
+    assert DeslocConfig().on_nonfinite is None
+    assert DeslocStrategy(on_nonfinite="raise").config.on_nonfinite == "raise"
+    assert DeslocFabricStrategy(on_nonfinite="heal").core.config.on_nonfinite == "heal"
+    assert "on_nonfinite" in ARGUMENT_DOCS and "on_nonfinite:" in (DeslocStrategy.__doc__ or "")
+    assert DeslocSync(DeslocConfig()).options == []  # None: no guard, nothing extra in any round
