@@ -154,6 +154,8 @@ class DeslocConfig:
     peer_timeout_s: Optional[float] = 30.0
     #: a rank whose round is not finite: ``None`` (averaged in, as DDP), ``"heal"`` or ``"raise"``
     on_nonfinite: OnNonfinite = None
+    #: FSDP2 inside each hierarchical group, DES-LOC across groups on the local shards (:mod:`lightning_desloc.sharding`)
+    shard_within_group: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "compression", parse_compression(self.compression))
@@ -161,6 +163,7 @@ class DeslocConfig:
             if self.state_sync_every is not None:
                 raise ValueError("param_sync_every='auto' chooses the state periods too; leave state_sync_every=None")
         self.schedule()  # validates the periods and the state policy with the schedule's own messages
+        self._check_sharding()
         if self.hierarchy is not None:
             self.group_schedule()  # validates the inner level against the rest
         if not _is_number(self.bucket_cap_mb) or not self.bucket_cap_mb > 0:
@@ -179,6 +182,37 @@ class DeslocConfig:
             raise ValueError(f"peer_timeout_s must be a positive, finite number of seconds or None, got {t!r}; e.g. "
                              "peer_timeout_s=30 exits a rank whose peer sent no heartbeat for 30 s, None turns the "
                              "liveness watchdog off")
+
+    def _check_sharding(self) -> None:
+        """``shard_within_group=True``: groups needed, FSDP2 keeps each group in sync (``k_in = 1``), and the
+        options that act on whole tensors or on the gradients are not supported on shards yet."""
+        if not isinstance(self.shard_within_group, bool):
+            raise ValueError(f"shard_within_group must be True or False, got {self.shard_within_group!r}")
+        if not self.shard_within_group:
+            return
+        h = self.hierarchy
+        if h is None:
+            raise ValueError(
+                "shard_within_group=True shards the model with FSDP2 inside each hierarchical group, but group_size "
+                "is None. Set group_size (the ranks per group, e.g. the devices per node; it must divide the world "
+                "size), or shard_within_group=False.")
+        if h.param_sync_every != GRADIENTS_EVERY_STEP or h.state_sync_every is not None:
+            raise ValueError(
+                f"shard_within_group=True: FSDP2 reduce-scatters the gradients inside each group every step, so "
+                f"group_param_sync_every={h.param_sync_every!r} / group_state_sync_every={h.state_sync_every!r} "
+                "cannot apply. Leave group_param_sync_every=1 and group_state_sync_every=None, or "
+                "shard_within_group=False for DES-LOC inside the groups.")
+        unsupported = {"compression": bool(self.compression), "overlap_steps": self.overlap_steps != 0,
+                       "fragments": self.fragments != 1, "outer_lr": self.outer is not None,
+                       "max_drift": self.drift is not None, "param_sync_every='auto'": self.is_auto,
+                       "ddp_warmup_steps": self.ddp_warmup_steps != 0,
+                       "state_policy='reset'": self.state_policy == "reset",
+                       "on_nonfinite": getattr(self, "on_nonfinite", None) is not None}
+        clash = [name for name, on in unsupported.items() if on]
+        if clash:
+            raise ValueError(
+                f"shard_within_group=True does not support {', '.join(clash)} yet (on shards only plain averaging "
+                "of parameters and optimizer states works so far). Remove them, or use shard_within_group=False.")
 
     def _check_overlap(self) -> None:
         tau = self.overlap_steps
@@ -380,6 +414,18 @@ ARGUMENT_DOCS: dict[str, str] = {
     "group_state_sync_every": """periods of the optimizer states inside the groups, in optimizer steps, as
         ``state_sync_every`` (``None``: first moments every ``3 * k_in``, second moments every ``6 * k_in``;
         an ``int``; a dict per key). Only with ``group_param_sync_every > 1``.""",
+    "shard_within_group": """with ``group_size=g``: shard the model with FSDP2 inside each group instead of
+        keeping a full copy per rank (DDP inside the group). The ranks form a 2-D device mesh ``(world // g,
+        g)``, dims ``("replicate", "shard")``, exposed as ``strategy.device_mesh`` and the LightningModule's
+        ``device_mesh``: shard in ``configure_model`` with ``fully_shard(layer, mesh=self.device_mesh["shard"])``,
+        or leave the model unsharded there and the strategy calls ``fully_shard(child, mesh=mesh["shard"])`` on
+        each child module with parameters. FSDP2 reduce-scatters the gradients inside the group every step;
+        across groups DES-LOC averages each rank's local shard of the parameters and optimizer states on the
+        usual schedule (``1/g`` of the model per rank per parameter round). Every group starts from group 0's
+        weights, so group 0's ranks must initialise alike (``seed_everything``). Not yet with checkpoints
+        (``Trainer(enable_checkpointing=False)``), compression, ``overlap_steps``, ``fragments``, ``outer_lr``,
+        ``max_drift``, ``"auto"``, ``ddp_warmup_steps``, ``state_policy="reset"`` or ``on_nonfinite``. See
+        ``docs/sharded.md``.""",
     "comm_budget": """with ``param_sync_every="auto"``: the fraction of step time communication may take.""",
     "total_steps": """the run's length in optimizer steps, when known: with ``"auto"`` it caps ``K_x`` (see
         ``min_param_syncs``). The Trainer strategy reads ``trainer.estimated_stepping_batches`` instead.""",

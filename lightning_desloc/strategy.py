@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import tempfile
 from collections.abc import Mapping
 from datetime import timedelta
 from typing import Any, Callable, Literal, Optional, Union
@@ -18,13 +20,14 @@ from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import DDPStrategy
-from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
+from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher, _WorkerOutput
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.optim import Optimizer
 
 from lightning_desloc import checkpoint as desloc_checkpoint
+from lightning_desloc import sharding
 from lightning_desloc.adapters import (
     MeteredCollectives,
     build_core,
@@ -49,7 +52,7 @@ log = logging.getLogger(__name__)
 DESLOC_ARGUMENTS = (
     "param_sync_every", "state_sync_every", "validate_on", "state_policy", "compression", "outer_lr",
     "outer_momentum", "outer_nesterov", "group_size", "group_param_sync_every", "group_state_sync_every",
-    "comm_budget", "min_param_syncs", "max_drift", "drift_check_every", "bucket_cap_mb", "log_comm",
+    "shard_within_group", "comm_budget", "min_param_syncs", "max_drift", "drift_check_every", "bucket_cap_mb", "log_comm",
     "allow_consensus_fallback", "overlap_steps", "ddp_warmup_steps", "fragments", "peer_timeout_s",
     "on_nonfinite",
 )
@@ -72,6 +75,28 @@ def _storage_key(t: Tensor) -> tuple[int, int, torch.dtype, tuple[int, ...]]:
 
 class _LedgerReturningLauncher(_MultiProcessingLauncher):
     """Spawn/fork launcher that also brings rank 0's ledger and step counters back to the main process."""
+
+    def launch(self, function: Callable, *args: Any, trainer: Optional["pl.Trainer"] = None, **kwargs: Any) -> Any:
+        strategy = self._strategy
+        if (trainer is not None and isinstance(strategy, DeslocStrategy) and strategy.config.shard_within_group
+                and trainer.state.fn == TrainerFn.FITTING):
+            sharding.check_no_checkpoints(trainer)  # in the main process, before any worker starts
+        return super().launch(function, *args, trainer=trainer, **kwargs)
+
+    def _collect_rank_zero_results(self, trainer: "pl.Trainer", results: Any) -> Optional[_WorkerOutput]:
+        strategy = self._strategy
+        if not (isinstance(strategy, DeslocStrategy) and strategy.config.shard_within_group):
+            return super()._collect_rank_zero_results(trainer, results)
+        # shards cannot load into the main process's unsharded module: hand it the whole (consensus) tensors,
+        # gathered inside each group on every rank (no checkpoint callback is allowed, so no best path)
+        state_dict = sharding.full_state_dict(trainer.lightning_module)
+        if strategy.local_rank != 0:
+            return None
+        weights_path = None
+        if trainer.state.fn == TrainerFn.FITTING:
+            weights_path = os.path.join(tempfile.mkdtemp(), ".temp.ckpt")
+            strategy.checkpoint_io.save_checkpoint(state_dict, weights_path)
+        return _WorkerOutput(None, weights_path, trainer.state, results, self.get_extra_results(trainer))
 
     def get_extra_results(self, trainer: "pl.Trainer") -> dict[str, Any]:
         extra = super().get_extra_results(trainer)
@@ -129,6 +154,7 @@ class DeslocStrategy(MeteredCollectives, DDPStrategy):
         group_size: Optional[int] = None,
         group_param_sync_every: int = 1,
         group_state_sync_every: StateSyncEvery = None,
+        shard_within_group: bool = False,
         comm_budget: float = 0.05,
         min_param_syncs: int = 32,
         max_drift: Optional[float] = None,
@@ -169,6 +195,7 @@ class DeslocStrategy(MeteredCollectives, DDPStrategy):
         self._pending_log: Optional[tuple[int, dict[str, float]]] = None
         #: how the last ``fit(ckpt_path=...)`` resumed: local or consensus path, and why (None: no resume)
         self.resume_decision: Optional[desloc_checkpoint.ResumeDecision] = None
+        self._device_mesh: Any = None
 
     @property
     def config(self) -> Any:
@@ -195,6 +222,13 @@ class DeslocStrategy(MeteredCollectives, DDPStrategy):
         return level.ledger
 
     @property
+    def device_mesh(self) -> Any:
+        """With ``shard_within_group=True``: the 2-D ``DeviceMesh`` ``(world // group_size, group_size)``, dims
+        ``("replicate", "shard")``, from ``setup_environment`` on (also the LightningModule's
+        ``device_mesh``, for ``configure_model``); ``None`` otherwise."""
+        return self._device_mesh
+
+    @property
     def group_schedule(self) -> Any:
         """The inner level's schedule (``group_param_sync_every > 1``), else ``None``."""
         level = self.core.group_level
@@ -209,22 +243,37 @@ class DeslocStrategy(MeteredCollectives, DDPStrategy):
                 "different parameters between averages. Use Trainer(sync_batchnorm=False); BatchNorm running "
                 "statistics are averaged with the parameters."
             )
+        if self.config.shard_within_group:
+            sharding.check_world(self.num_nodes * self.num_processes, self.config.hierarchy.group_size)
         super()._configure_launcher()
         if self._start_method != "popen":
             self._launcher = _LedgerReturningLauncher(self, start_method=self._start_method)
 
     # ------------------------------------------------------------------ setup
+    def setup_environment(self) -> None:
+        super().setup_environment()
+        if self.config.shard_within_group:  # before configure_model, which may shard with it
+            self._device_mesh = sharding.make_mesh(self.world_size, self.config.hierarchy.group_size, self.root_device)
+            if self.lightning_module is not None:
+                self.lightning_module._device_mesh = self._device_mesh
+
     def setup(self, trainer: "pl.Trainer") -> None:
         assert self.accelerator is not None and self.model is not None
         self.accelerator.setup(trainer)
         self.precision_plugin.convert_module(self.model)
         self.model_to_device()
         self.core.comm.device = self.root_device
-        self.core.setup_groups()
-        close_process_group_at_exit()  # this process may outlive fit (default launcher, torchrun)
-        # No DDP wrapper, so no gradient hooks; start every rank from rank 0's weights instead.
-        self.core.comm.broadcast_(self._module_tensors(), src=0, category="setup",
-                                  bucket_cap_bytes=self.core.bucket_cap_bytes)
+        if self.config.shard_within_group:
+            # FSDP2 inside the groups: shard unless configure_model did, the groups from the mesh, and group
+            # 0's local shards to every group (a sharded model cannot be broadcast whole)
+            close_process_group_at_exit()
+            self._setup_shards(trainer)
+        else:
+            self.core.setup_groups()
+            close_process_group_at_exit()  # this process may outlive fit (default launcher, torchrun)
+            # No DDP wrapper, so no gradient hooks; start every rank from rank 0's weights instead.
+            self.core.comm.broadcast_(self._module_tensors(), src=0, category="setup",
+                                      bucket_cap_bytes=self.core.bucket_cap_bytes)
         self.core.note_frozen(self.model.parameters())
         self.core.params_in_sync = True
         fitting = trainer.state.fn == TrainerFn.FITTING
@@ -237,6 +286,18 @@ class DeslocStrategy(MeteredCollectives, DDPStrategy):
             self.core.total_steps = lambda: float(trainer.estimated_stepping_batches)
             if self.world_size > 1:
                 stop_on_rounds(trainer, self.core)  # no SIGTERM broadcast before every batch
+
+    def _setup_shards(self, trainer: "pl.Trainer") -> None:
+        """``shard_within_group=True`` (:mod:`lightning_desloc.sharding`): every rank raises the same error
+        before its first collective here, so no rank waits for another."""
+        assert self.model is not None and self._device_mesh is not None
+        if trainer.state.fn == TrainerFn.FITTING:
+            sharding.check_no_checkpoints(trainer)
+        sharding.shard_module(self.model, self._device_mesh)
+        sharding.check_sharded(self.model, self._device_mesh)
+        mesh = self._device_mesh
+        self.core.setup_groups((mesh[sharding.SHARD].get_group(), mesh[sharding.REPLICATE].get_group()))
+        sharding.broadcast_group_zero(self.core, self.model, self.config.hierarchy.group_size)
 
     def _module_tensors(self) -> list[Tensor]:
         assert self.model is not None
@@ -348,7 +409,9 @@ class DeslocStrategy(MeteredCollectives, DDPStrategy):
         """What consensus validation replaces by the mean: the parameters (not those frozen since setup,
         which are equal on every rank and not averaged) and the floating buffers."""
         assert self.model is not None
-        return [*(p for p in self.model.parameters() if not self.core.is_frozen(p)), *self._float_buffers()]
+        # sharded parameters (shard_within_group): the local shards, views of them
+        return sharding.local_tensors([*(p for p in self.model.parameters() if not self.core.is_frozen(p)),
+                                       *self._float_buffers()])
 
     def on_train_end(self) -> None:
         # Leave every rank with the consensus, so the model the user saves or evaluates is the average.
@@ -395,6 +458,8 @@ class DeslocStrategy(MeteredCollectives, DDPStrategy):
     def save_checkpoint(
         self, checkpoint: dict[str, Any], filepath: _PATH, storage_options: Optional[Any] = None
     ) -> None:
+        if self.config.shard_within_group:
+            raise sharding.no_checkpoints_error("save")
         if storage_options is not None:
             raise TypeError(
                 "DeslocStrategy writes checkpoints itself and takes no storage_options; got "
@@ -420,6 +485,8 @@ class DeslocStrategy(MeteredCollectives, DDPStrategy):
                 for name, value in state_dict.items()}
 
     def load_checkpoint(self, checkpoint_path: _PATH, weights_only: Optional[bool] = None) -> dict[str, Any]:
+        if self.config.shard_within_group:
+            raise sharding.no_checkpoints_error("load")
         # when fitting, also restores the step counters, the ledger, the options' state and (local path)
         # the RNG, and sets resume_decision
         main, problem = desloc_checkpoint.read_main(

@@ -75,6 +75,7 @@ from lightning_desloc.options import Metrics, ResetStates, Round, SyncOption, is
 from lightning_desloc.outer import OuterOptimizer
 from lightning_desloc.overlap import BlockingRounds, OverlappedRounds
 from lightning_desloc.schedule import SyncPlan, SyncSchedule, fragment_of
+from lightning_desloc.sharding import local_tensors
 from lightning_desloc.snapshot import ConsensusSnapshot
 
 __all__ = ["SIGNALS", "DeslocSync", "Level", "averaged_state_keys", "is_averaged", "optimizer_params"]
@@ -160,8 +161,8 @@ def _unique(tensors: Iterable[Tensor]) -> list[Tensor]:
 class Level:
     """One level of averaging: its ranks (``comm``, with the level's ledger) and its schedule.
 
-    ``schedule is None`` means the ranks of the level never differ: the gradients are all-reduced
-    inside it every step (hierarchical groups with ``group_param_sync_every=1``)."""
+    ``schedule is None`` means the ranks of the level never differ: something keeps them equal every
+    step, as :attr:`every_step` says (the core all-reduces the gradients, or FSDP2 reduce-scatters them)."""
 
     #: ``"world"`` (the outermost level) or ``"group"`` (inside hierarchical groups)
     name: str
@@ -171,6 +172,11 @@ class Level:
     comm: Optional[Comm] = None
     #: what the level's round averaged after the last step (``None``: no round)
     last_plan: Optional[SyncPlan] = None
+    #: with ``schedule is None``, what keeps the level's ranks equal every step: ``"gradients"``, the core
+    #: all-reduces the gradients inside the level (``group_param_sync_every=1``); ``"fsdp"``, FSDP2 shards the
+    #: module over the level and reduce-scatters the gradients itself (``shard_within_group=True``), so the
+    #: core sends nothing there and the level above averages each rank's local shards
+    every_step: str = "gradients"
 
     def due(self, step: int, keys: Sequence[str]) -> SyncPlan:
         return SyncPlan(step, False) if self.schedule is None else self.schedule.due(step, keys)
@@ -251,7 +257,8 @@ class DeslocSync:
         inner = self.config.group_schedule()
         self.levels: list[Level] = [world]
         if self.config.hierarchy is not None:
-            self.levels.insert(0, Level("group", CommLedger(), inner))
+            self.levels.insert(0, Level("group", CommLedger(), inner,
+                                        every_step="fsdp" if self.config.shard_within_group else "gradients"))
         self.snapshot = ConsensusSnapshot()
         self.options = build_options(self.config, self.snapshot, world, self.info)
         #: how the outermost round's result reaches the tensors: at once, or ``overlap_steps`` later
@@ -328,10 +335,16 @@ class DeslocSync:
             auto.total_steps = value
 
     # ------------------------------------------------------------------ setup
-    def setup_groups(self) -> None:
-        """Create the hierarchical groups (collective: every rank, once) when ``group_size`` is set."""
+    def setup_groups(self, groups: Optional[tuple[Any, Any]] = None) -> None:
+        """Create the hierarchical groups (collective: every rank, once) when ``group_size`` is set.
+        ``groups``: this rank's ``(inner, outer)`` process groups when they exist already (a device mesh's
+        ``"shard"`` and ``"replicate"`` groups), instead of new ones."""
         inner, outer = self.levels[0], self.levels[-1]
         if self.config.hierarchy is None or inner.comm is not None:
+            return
+        if groups is not None:
+            inner.comm = Comm(inner.ledger, groups[0], self.comm.device)
+            outer.comm = Comm(self.comm.ledger, groups[1], self.comm.device)
             return
         inner.comm, outer.comm = self.comm.split(self.config.hierarchy.group_size, inner.ledger)
 
@@ -499,7 +512,8 @@ class DeslocSync:
         return closure_then_average_gradients
 
     def _gradient_levels(self) -> list[Level]:
-        return [lv for lv in self.levels[:-1] if lv.schedule is None and lv.comm is not None]
+        return [lv for lv in self.levels[:-1]
+                if lv.schedule is None and lv.comm is not None and lv.every_step == "gradients"]
 
     def in_warmup(self, optimizer: Optimizer) -> bool:
         """Whether the next step of ``optimizer`` is one of the first ``ddp_warmup_steps`` (trained as DDP)."""
@@ -666,6 +680,8 @@ class DeslocSync:
 
     def _due_of(self, optimizer: Optimizer, params: list[Tensor], params_due: bool, states: Sequence[str],
                 with_buffers: bool) -> dict[str, list[Tensor]]:
+        """The tensors due, each as this rank holds it: a DTensor (FSDP2, ``shard_within_group``) as its
+        local shard, which the ranks at its position in the other groups hold too."""
         due: dict[str, list[Tensor]] = {}
         if params_due:
             # int8 parameters travel as the change since the snapshot of every parameter: keep them all
@@ -680,7 +696,7 @@ class DeslocSync:
                 for p in params
                 if p in optimizer.state and is_averaged(key, optimizer.state[p].get(key), p)
             ]
-        return due
+        return {cat: local_tensors(ts) for cat, ts in due.items()}
 
     def _fragments_of(self, optimizer: Optimizer) -> list[int]:
         """The fragment of each of ``optimizer``'s parameters (:func:`~lightning_desloc.schedule.fragment_of`),
@@ -710,6 +726,7 @@ class DeslocSync:
         buffers = float_buffers(modules)
         if buffers:
             tensors.setdefault("buffers" if category == "params" else category, []).extend(buffers)
+        tensors = {cat: local_tensors(ts) for cat, ts in tensors.items()}  # DTensors: the local shards
         for level in self.levels:
             if level.comm is not None and (level.schedule is not None or level is self.levels[-1]):
                 level.comm.average_(tensors, bucket_cap_bytes=self.bucket_cap_bytes)

@@ -1,0 +1,306 @@
+"""shard_within_group=True: FSDP2 inside each group of 2, DES-LOC across 2 groups, on 4 real processes
+(gloo), against the unsharded hierarchical run (DDP inside the groups) of the same model and data.
+
+Every rank's local shards of the parameters and Adam states after every step must equal the matching
+rows of the unsharded run's full tensors; the bytes across groups per round are the local shard bytes
+(by hand and counted at torch.distributed); parameters + gradients + states per rank take 1/g of the
+unsharded memory (measured from the local storages). Plus the clear errors."""
+
+import inspect
+import os
+
+import lightning as L
+import pytest
+import torch
+import torch.distributed as dist
+from lightning.fabric.plugins.environments import LightningEnvironment
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch.utils.data import DataLoader
+
+from lightning_desloc import DeslocStrategy
+from lightning_desloc.config import DeslocConfig
+from lightning_desloc.sharding import local_storage_bytes, local_tensor
+from lightning_desloc.strategy import _LedgerReturningLauncher
+from helpers import quiet_trainer, run_on_processes
+
+G_SIZE, WORLD = 2, 4
+STEPS, K_X = 8, 4
+STATES = {"exp_avg": 4, "exp_avg_sq": 8}
+IN, HIDDEN, OUT = 4, 8, 2  # every dim 0 (8, 8, 2, 2) splits evenly in 2: local shards are exactly half
+N_FULL = IN * HIDDEN + HIDDEN + HIDDEN * OUT + OUT
+N_LOCAL = N_FULL // G_SIZE  # 29 elements of float64 per rank
+BATCH = 4
+
+
+def batch_for(rank, step):
+    g = torch.Generator().manual_seed(1000 * rank + step)
+    x = torch.randn(BATCH, IN, generator=g, dtype=torch.float64)
+    return x, x[:, :OUT] * (1 + rank)
+
+
+class _Counting:
+    """``torch.distributed`` collectives wrapped in the worker (once per process): payload bytes and calls
+    per (name, group's ranks); :meth:`reset` before each fit."""
+
+    installed = None
+
+    def __init__(self):
+        self.reset()
+        for name in ("all_reduce", "broadcast", "reduce_scatter_single", "reduce_scatter_tensor"):
+            if hasattr(dist, name):
+                setattr(dist, name, self._wrap(name, getattr(dist, name)))
+
+    @classmethod
+    def fresh(cls):
+        if cls.installed is None:
+            cls.installed = cls()
+        cls.installed.reset()
+        return cls.installed
+
+    def reset(self):
+        self.bytes, self.calls = {}, {}
+
+    def _wrap(self, name, fn):
+        signature = inspect.signature(fn)
+
+        def counted(*args, **kwargs):
+            bound = signature.bind(*args, **kwargs).arguments
+            tensor, group = bound.get("tensor", bound.get("output")), bound.get("group")
+            ranks = dist.get_process_group_ranks(group) if group is not None else list(range(dist.get_world_size()))
+            key = f"{name}{list(ranks)}"
+            self.bytes[key] = self.bytes.get(key, 0) + tensor.numel() * tensor.element_size()
+            self.calls[key] = self.calls.get(key, 0) + 1
+            return fn(*args, **kwargs)
+
+        return counted
+
+
+class ShardProbe(L.LightningModule):
+    def __init__(self, out_dir, tag, user_shards=False):
+        super().__init__()
+        torch.manual_seed(0)  # every rank, every run: the same weights (group 0 must initialise alike)
+        self.net = torch.nn.Sequential(torch.nn.Linear(IN, HIDDEN), torch.nn.Tanh(), torch.nn.Linear(HIDDEN, OUT)).double()
+        self.out_dir, self.tag, self.user_shards = out_dir, tag, user_shards
+
+    def setup(self, stage):
+        self.counting = _Counting.fresh()
+        if self.global_rank >= G_SIZE:  # group 1 starts elsewhere: setup must give it group 0's weights
+            with torch.no_grad():
+                for p in self.net.parameters():
+                    p.add_(1.0)
+        self.history, self.validated, self.before_batch = [], [], []
+
+    def configure_model(self):
+        if self.user_shards and self.device_mesh is not None:
+            from torch.distributed.fsdp import fully_shard
+
+            # "hsdp": the whole 2-D mesh, which would all-reduce the gradients across groups every step
+            fully_shard(self.net, mesh=self.device_mesh if self.user_shards == "hsdp" else self.device_mesh["shard"])
+
+    def train_dataloader(self):
+        rank = self.trainer.global_rank
+        return DataLoader([batch_for(rank, s) for s in range(STEPS)], batch_size=None)
+
+    def training_step(self, batch, batch_idx):
+        return torch.nn.functional.mse_loss(self.net(batch[0]), batch[1])
+
+    def val_dataloader(self):
+        return DataLoader([batch_for(self.trainer.global_rank, 99)], batch_size=None)
+
+    def validation_step(self, batch, batch_idx):  # what validation sees: the consensus of the local shards
+        self.validated.append([local_tensor(p).clone() for p in self.parameters()])
+
+    def on_train_batch_start(self, batch, batch_idx):  # after a validation: the rank's own shards again
+        self.before_batch.append([local_tensor(p).clone() for p in self.parameters()])
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=0.05)
+
+    def _snapshot(self):
+        opt = self.trainer.optimizers[0]
+        params = list(self.parameters())
+        return {"params": [local_tensor(p).clone() for p in params],
+                "state": {k: [local_tensor(opt.state[p][k]).clone() for p in params] for k in STATES}}
+
+    def on_train_start(self):
+        self.history.append({"params": [local_tensor(p).clone() for p in self.parameters()]})
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        self.history.append(self._snapshot())
+
+    def on_fit_end(self):
+        opt = self.trainer.optimizers[0]
+        params = list(self.parameters())
+        states = [v for p in params for k, v in opt.state[p].items() if k in STATES]
+        strategy = self.trainer.strategy
+        torch.save({
+            "history": self.history, "validated": self.validated, "before_batch": self.before_batch,
+            "final": [local_tensor(p).clone() for p in params],
+            "memory": {"params": local_storage_bytes(params), "grads": local_storage_bytes([p.grad for p in params]),
+                       "states": local_storage_bytes(states)},
+            "ledger": dict(strategy.ledger.bytes), "group_ledger": dict(strategy.group_ledger.bytes),
+            "ddp_equivalent_bytes": strategy.ledger.ddp_equivalent_bytes,
+            "dist_bytes": dict(self.counting.bytes), "dist_calls": dict(self.counting.calls),
+            "types": [type(p).__name__ for p in params],
+        }, f"{self.out_dir}/{self.tag}{self.global_rank}.pt")
+
+
+def _trainer(max_steps, trainer_kwargs=None, **kwargs):
+    # in already-joined processes (LOCAL_RANK set: Lightning launches nothing), so one set of 4 workers
+    # runs every fit; peer_timeout_s=None: no liveness thread per fit
+    strategy = DeslocStrategy(group_size=G_SIZE, state_sync_every=STATES, peer_timeout_s=None,
+                              cluster_environment=LightningEnvironment(), **kwargs)
+    return quiet_trainer(strategy=strategy, devices=WORLD, max_steps=max_steps,
+                         **{"limit_val_batches": 0, **(trainer_kwargs or {})})
+
+
+def _fits(rank, world_size, out_dir):
+    os.environ["LOCAL_RANK"] = str(rank)
+    _trainer(STEPS, param_sync_every=K_X).fit(ShardProbe(out_dir, "ddp"))  # the unsharded reference
+    _trainer(STEPS, param_sync_every=K_X, shard_within_group=True).fit(ShardProbe(out_dir, "fsdp"))
+    # sharded by the module in configure_model; consensus validation after steps 2 and 4 (between averages),
+    # and 4 steps end between averages (K_x = 3): the end-of-fit consensus
+    trainer = _trainer(4, dict(limit_val_batches=1, val_check_interval=2, num_sanity_val_steps=0), param_sync_every=3, shard_within_group=True)
+    trainer.fit(ShardProbe(out_dir, "user", user_shards=True))
+    # what the spawn launcher hands the main process: the whole consensus tensors (gathered in each group)
+    launcher = _LedgerReturningLauncher(trainer.strategy, start_method="spawn")
+    output = launcher._collect_rank_zero_results(trainer, None)
+    if rank == 0:
+        torch.save(torch.load(output.weights_path), f"{out_dir}/main_process_weights.pt")
+    # a Trainer that would save checkpoints: every rank refuses in setup, before any collective there
+    with pytest.raises(NotImplementedError, match=r"Trainer\(enable_checkpointing=False\)"):
+        _trainer(1, dict(enable_checkpointing=True), param_sync_every=3, shard_within_group=True).fit(
+            ShardProbe(out_dir, "never"))
+    # sharded over the whole 2-D mesh (HSDP) in configure_model: refused before any collective of setup
+    with pytest.raises(ValueError, match="HSDP"):
+        _trainer(1, param_sync_every=3, shard_within_group=True).fit(ShardProbe(out_dir, "never", user_shards="hsdp"))
+    torch.save("done", f"{out_dir}/done{rank}.pt")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sharded")
+    run_on_processes(_fits, WORLD, str(out))
+    assert all((out / f"done{r}.pt").exists() for r in range(WORLD))
+    load = lambda tag: [torch.load(out / f"{tag}{r}.pt") for r in range(WORLD)]  # noqa: E731
+    return {"ddp": load("ddp"), "fsdp": load("fsdp"), "user": load("user"),
+            "main": torch.load(out / "main_process_weights.pt")}
+
+
+def _rows(full, position):
+    """The rows of ``full`` that FSDP2 (Shard(0) over 2 ranks, even split) keeps at ``position``."""
+    n = full.shape[0] // G_SIZE
+    return full[position * n:(position + 1) * n]
+
+
+def test_every_shard_equals_the_unsharded_groups_after_every_step(runs):
+    plain, sharded = runs["ddp"], runs["fsdp"]
+    assert all(t == "DTensor" for r in sharded for t in r["types"]) and all(t == "Parameter" for t in plain[0]["types"])
+    for rank in range(WORLD):
+        position = rank % G_SIZE
+        got, want = sharded[rank], plain[rank]
+        assert len(got["history"]) == len(want["history"]) == STEPS + 1
+        for step, (g, w) in enumerate(zip(got["history"], want["history"])):
+            for a, b in zip(g["params"], w["params"]):
+                torch.testing.assert_close(a, _rows(b, position), rtol=1e-12, atol=1e-12, msg=f"rank {rank} step {step}")
+            for key in g.get("state", {}):
+                for a, b in zip(g["state"][key], w["state"][key]):
+                    torch.testing.assert_close(a, _rows(b, position), rtol=1e-12, atol=1e-12,
+                                               msg=f"{key} rank {rank} step {step}")
+        for a, b in zip(got["final"], want["final"]):
+            torch.testing.assert_close(a, _rows(b, position), rtol=1e-12, atol=1e-12)
+
+
+def test_bytes_across_groups_are_the_local_shards(runs):
+    plain, sharded = runs["ddp"], runs["fsdp"]
+    rounds = {"params": STEPS // K_X, "state/exp_avg": STEPS // STATES["exp_avg"],
+              "state/exp_avg_sq": STEPS // STATES["exp_avg_sq"]}
+    for rank in range(WORLD):
+        led, ref = sharded[rank]["ledger"], plain[rank]["ledger"]
+        for cat, n in rounds.items():  # by hand: 29 float64 per rank per round, half the unsharded run's
+            assert led[cat] == n * N_LOCAL * 8, (rank, cat)
+            assert ref[cat] == n * N_FULL * 8 == G_SIZE * led[cat]
+        assert led["setup"] == N_LOCAL * 8  # group 0's shards, to the other group
+        assert sharded[rank]["ddp_equivalent_bytes"] == plain[rank]["ddp_equivalent_bytes"] == STEPS * N_FULL * 8
+        # counted at torch.distributed on the replicate group (the ranks at this position): the ledger's bytes
+        replicate = [rank % G_SIZE + k * G_SIZE for k in range(WORLD // G_SIZE)]
+        counted, calls = sharded[rank]["dist_bytes"], sharded[rank]["dist_calls"]
+        signals = (STEPS // K_X) * 4  # one float32 after each outer round (the rest of "control" is world-wide)
+        assert counted[f"all_reduce{replicate}"] == sum(led[c] for c in rounds) + signals, (rank, counted)
+        assert counted[f"broadcast{replicate}"] == led["setup"]
+        # inside the group: FSDP2's reduce-scatter every step (one fully_shard unit), the core sends no gradient
+        group = [rank // G_SIZE * G_SIZE + i for i in range(G_SIZE)]
+        assert sum(v for k, v in calls.items() if k.startswith("reduce_scatter") and k.endswith(f"{group}")) == STEPS
+        assert calls.get(f"all_reduce{group}", 0) == STEPS // K_X  # only the signals after the outer rounds
+        assert "grads" not in sharded[rank]["group_ledger"] and "grads" in plain[rank]["group_ledger"]
+
+
+def test_memory_per_rank_is_one_gth_of_the_unsharded_run(runs):
+    for rank in range(WORLD):
+        got, want = runs["fsdp"][rank]["memory"], runs["ddp"][rank]["memory"]
+        assert want == {"params": N_FULL * 8, "grads": N_FULL * 8, "states": 2 * N_FULL * 8}
+        assert {k: G_SIZE * v for k, v in got.items()} == want, (got, want)
+
+
+def test_user_sharding_in_configure_model_ends_on_the_consensus(runs):
+    user = runs["user"]
+    assert all(t == "DTensor" for r in user for t in r["types"])
+    for rank in range(G_SIZE):  # position `rank` in group 0 and in group 1 end equal
+        for a, b in zip(user[rank]["final"], user[rank + G_SIZE]["final"]):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # one scheduled parameter round (step 3), then the end-of-fit consensus: each on the local shard
+    assert all(r["ledger"]["params"] == 2 * N_LOCAL * 8 for r in user)
+    # consensus validation after steps 2 and 4: one exact round of the local shards each; every position
+    # saw the mean of its two groups' shards, and got its own shards back for the next step
+    assert all(r["ledger"]["eval"] == 2 * N_LOCAL * 8 for r in user)
+    for rank in range(WORLD):
+        mine, other = user[rank], user[(rank + G_SIZE) % WORLD]
+        for v, a, b in zip(mine["validated"][0], mine["history"][2]["params"], other["history"][2]["params"]):
+            torch.testing.assert_close(v, (a + b) / 2, rtol=1e-12, atol=1e-12)
+        for a, b in zip(mine["before_batch"][2], mine["history"][2]["params"]):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # the spawn launcher's weights for the main process: the shards side by side
+    for (name, full), *shards in zip(runs["main"].items(), *(user[r]["final"] for r in range(G_SIZE))):
+        torch.testing.assert_close(full, torch.cat(shards), rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(shard_within_group=True), "group_size is None"),
+    (dict(shard_within_group=True, group_size=2, group_param_sync_every=4), "group_param_sync_every=1"),
+    (dict(shard_within_group=True, group_size=2, compression="bf16"), "does not support compression"),
+    (dict(shard_within_group=True, group_size=2, outer_lr=0.7), "outer_lr"),
+    (dict(shard_within_group=True, group_size=2, param_sync_every="auto"), "param_sync_every='auto'"),
+    (dict(shard_within_group=True, group_size=2, max_drift=0.1), "max_drift"),
+    (dict(shard_within_group=True, group_size=2, ddp_warmup_steps=4), "ddp_warmup_steps"),
+    (dict(shard_within_group=True, group_size=2, state_policy="reset"), "state_policy='reset'"),
+    (dict(shard_within_group=True, group_size=2, param_sync_every=8, fragments=2), "fragments"),
+    (dict(shard_within_group=True, group_size=2, param_sync_every=8, overlap_steps=2), "overlap_steps"),
+    (dict(shard_within_group=True, group_size=2, on_nonfinite="raise"), "on_nonfinite"),
+    (dict(shard_within_group="yes", group_size=2), "True or False"),
+])
+def test_clear_errors_at_construction(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        DeslocStrategy(**kwargs)
+    assert DeslocConfig.from_arguments(group_size=2, shard_within_group=True).shard_within_group
+
+
+def test_clear_errors_before_any_process_starts(tmp_path):
+    model = ShardProbe(str(tmp_path), "never")
+    with pytest.raises(ValueError, match="group_size=3 to divide the number of processes"):
+        quiet_trainer(strategy=DeslocStrategy(group_size=3, shard_within_group=True, start_method="spawn"),
+                      devices=4, max_steps=1)
+    with pytest.raises(ValueError, match="sync_batchnorm"):
+        quiet_trainer(strategy=DeslocStrategy(group_size=2, shard_within_group=True, start_method="spawn"),
+                      devices=4, sync_batchnorm=True)
+    # a default Trainer saves checkpoints: refused in the main process, naming the fix
+    trainer = quiet_trainer(strategy=DeslocStrategy(group_size=2, shard_within_group=True, start_method="spawn"),
+                            devices=4, max_steps=1, enable_checkpointing=True)
+    with pytest.raises(NotImplementedError, match=r"enable_checkpointing=False"):
+        trainer.fit(model)
+    trainer = quiet_trainer(strategy=DeslocStrategy(group_size=2, shard_within_group=True, start_method="spawn"),
+                            devices=4, max_steps=1, enable_checkpointing=True,
+                            callbacks=[ModelCheckpoint(dirpath=tmp_path)])
+    with pytest.raises(NotImplementedError, match="cannot save checkpoints yet"):
+        trainer.fit(model)
+    with pytest.raises(NotImplementedError, match="enable_checkpointing=False"):
+        DeslocStrategy(group_size=2, shard_within_group=True).save_checkpoint({}, tmp_path / "x.ckpt")
