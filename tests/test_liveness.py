@@ -39,7 +39,7 @@ import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from faults import Fault, read_record
-from helpers import Regression, free_port, quiet_trainer
+from helpers import START_METHOD, Regression, free_port, quiet_trainer
 from lightning_desloc import DeslocStrategy, liveness
 from lightning_desloc.config import DeslocConfig
 from lightning_desloc.liveness import PEER_LOST_EXIT_CODE, PeerLiveness, heartbeat_period
@@ -216,7 +216,7 @@ def test_a_healthy_fit_with_a_rank_far_behind_in_a_round_has_no_false_alarm(tmp_
     """peer_timeout_s=1, and rank 1 arrives 4 s late at the round after step 8: rank 0 waits in the
     all-reduce for four timeouts, and the heartbeats (a thread of each process) go on meanwhile."""
     probe = ThreadProbe(str(tmp_path), slow_rank=1, slow_batch=5, slow_s=4.0)
-    trainer = quiet_trainer(strategy=DeslocStrategy(param_sync_every=4, peer_timeout_s=1.0, start_method="spawn"),
+    trainer = quiet_trainer(strategy=DeslocStrategy(param_sync_every=4, peer_timeout_s=1.0, start_method=START_METHOD),
                             max_steps=16, limit_val_batches=0, enable_checkpointing=True,
                             callbacks=[probe, ModelCheckpoint(dirpath=str(tmp_path / "ck"), every_n_train_steps=4,
                                                               save_top_k=-1)])
@@ -240,9 +240,9 @@ def test_a_healthy_fit_with_a_rank_far_behind_in_a_round_has_no_false_alarm(tmp_
 
 def test_peer_timeout_none_starts_no_thread(tmp_path):
     probe = ThreadProbe(str(tmp_path))
-    trainer = quiet_trainer(strategy=DeslocStrategy(param_sync_every=4, peer_timeout_s=None, start_method="spawn"),
-                            max_steps=4, limit_val_batches=0, callbacks=[probe])
-    trainer.fit(Regression(n_batches=4))
+    trainer = quiet_trainer(strategy=DeslocStrategy(param_sync_every=2, peer_timeout_s=None, start_method=START_METHOD),
+                            max_steps=2, limit_val_batches=0, callbacks=[probe])
+    trainer.fit(Regression(n_batches=2))
     for rank in (0, 1):
         record = torch.load(tmp_path / f"probe{rank}.pt")
         assert record["threads_in_training"] == [] and record["stats"] is None
