@@ -47,7 +47,10 @@ of the file in memory); it is flushed, ``fsync``-ed and moved into place with ``
 new save go to a fresh ``<save id>`` directory; the main file, written last by rank 0 (its temporary
 first, then the manifest that records its checksum, then the rename), is the commit point, and only after
 it is in place are older save directories beside it deleted. A crash anywhere in a save leaves the
-previous main file and the shards it names intact.
+previous main file and the shards it names intact. A write that fails (a full disk) fails the save on
+every rank alike: the failure rides on the shards' checksum all-gather, rank 0's outcome on a broadcast
+after its commit, and every rank raises :class:`CheckpointWriteError` naming the files, with the failed
+save's files removed.
 
 On resume (``trainer.fit(ckpt_path=...)``) every rank reads the main file and checks its own shard
 (SHA-256 read in chunks; files load with ``torch.load(..., mmap=True)``: tensors are read from the page
@@ -77,6 +80,7 @@ Example: the streaming writer hashes what ``torch.save`` writes through it::
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -110,6 +114,13 @@ OK, RESIZED, MISSING, BAD = 0, 1, 2, 3
 
 class CheckpointShardError(RuntimeError):
     """A shard of a DES-LOC checkpoint is truncated, corrupt or belongs to another checkpoint or model."""
+
+
+class CheckpointWriteError(OSError):
+    """A save could not write one of its files on some rank (a full disk, a quota, a read-only or vanished
+    directory). Raised on **every** rank, naming each failed rank and file; ``errno`` is the first failure's
+    (``errno.ENOSPC`` for a full disk). The previous checkpoint at that path is unchanged and no temporary
+    file of this save is left behind."""
 
 
 @dataclass(frozen=True)
@@ -341,6 +352,27 @@ def _restore_rng(state: dict[str, Any]) -> None:
 
 
 # ----------------------------------------------------------------------------------------- saving
+def _write_failure(rank: int, path: str, err: BaseException) -> dict[str, Any]:
+    """What a rank tells the others about a file it could not write: plain values, pickled in a collective."""
+    code = getattr(err, "errno", None)
+    if code in (errno.ENOSPC, getattr(errno, "EDQUOT", -1)):
+        name = "ENOSPC" if code == errno.ENOSPC else "EDQUOT"
+        why = f"the disk is full ({name}: {os.strerror(code)})"
+    else:
+        why = f"{type(err).__name__}: {err}"
+    return {"rank": rank, "file": path, "errno": code, "why": why}
+
+
+def _raise_write_failures(filepath: str, failures: Sequence[dict[str, Any]], own: Optional[BaseException]) -> None:
+    """Raise :class:`CheckpointWriteError` on every rank for the failures all ranks now know about."""
+    lines = "; ".join(f"rank {f['rank']} could not write {f['file']}: {f['why']}" for f in failures)
+    code = next((f["errno"] for f in failures if f["errno"] is not None), errno.EIO)
+    message = (f"Checkpoint save to {filepath} failed on every rank: {lines}. Nothing of this save was kept and the "
+               f"previous checkpoint at {filepath} (if any) is unchanged. Free some space (or fix the directory) "
+               "and save again, or resume from the previous checkpoint.")
+    raise CheckpointWriteError(code, message) from own
+
+
 StorageKey = tuple[int, int, torch.dtype, tuple[int, ...]]
 
 
@@ -567,34 +599,71 @@ def save(
     # the run that goes on from here has them
     core_state = core.state_dict()
 
-    # 1. every rank writes its own shard into the new save directory
+    # 1. every rank writes its own shard into the new save directory. A rank that cannot (a full disk) must
+    # not raise alone: the others would wait for it in the next collective. Its failure rides on the
+    # checksums' all-gather, and every rank raises the same CheckpointWriteError
     root = shard_root(filepath)
     save_dir = os.path.join(root, save_id)
-    os.makedirs(save_dir, exist_ok=True)
-    shard = {
-        "format": FORMAT_VERSION,
-        "save_id": save_id,
-        "rank": rank,
-        "world_size": world,
-        "fingerprint": fingerprint,
-        "global_step": step,
-        "optimizer_steps": list(core.optimizer_steps),
-        **{k: checkpoint.get(k) for k in layout.modules},
-        **({layout.optimizer_list: checkpoint.get(layout.optimizer_list)} if layout.optimizer_list else {}),
-        **{k: checkpoint[k] for k, _, _ in layout.optimizer_entries(checkpoint)},
-        "ledger": core.ledger.state_dict(),  # this rank's, also inside "core"; read by tools
-        "core": core_state["local"],
-        "rng": _capture_rng(),
-    }
-    digest, nbytes = atomic_save(os.path.join(save_dir, shard_name(rank)), shard)
-    del shard
-    _fault_point("shard_written", filepath)
-    entries = comm.all_gather_object({"rank": rank, "file": shard_name(rank), "sha256": digest, "bytes": nbytes})
+    shard_path = os.path.join(save_dir, shard_name(rank))
+    digest, nbytes, failure, own_error = "", 0, None, None
+    try:
+        os.makedirs(save_dir, exist_ok=True)
+        shard = {
+            "format": FORMAT_VERSION,
+            "save_id": save_id,
+            "rank": rank,
+            "world_size": world,
+            "fingerprint": fingerprint,
+            "global_step": step,
+            "optimizer_steps": list(core.optimizer_steps),
+            **{k: checkpoint.get(k) for k in layout.modules},
+            **({layout.optimizer_list: checkpoint.get(layout.optimizer_list)} if layout.optimizer_list else {}),
+            **{k: checkpoint[k] for k, _, _ in layout.optimizer_entries(checkpoint)},
+            "ledger": core.ledger.state_dict(),  # this rank's, also inside "core"; read by tools
+            "core": core_state["local"],
+            "rng": _capture_rng(),
+        }
+        digest, nbytes = atomic_save(shard_path, shard)
+        del shard
+        _fault_point("shard_written", filepath)
+    except Exception as err:  # noqa: BLE001 - every kind of write failure becomes the verdict of every rank
+        failure, own_error = _write_failure(rank, shard_path, err), err
+    gathered = comm.all_gather_object({"rank": rank, "file": shard_name(rank), "sha256": digest, "bytes": nbytes,
+                                       "failure": failure})
+    failures = [e["failure"] for e in gathered if e.get("failure")]
+    if failures:
+        with suppress(OSError):
+            os.remove(shard_path)  # this rank's shard, if it was written: the save it belongs to never commits
+        if rank == 0:
+            shutil.rmtree(save_dir, ignore_errors=True)
+        _raise_write_failures(filepath, failures, own_error)
+    entries = [{k: v for k, v in e.items() if k != "failure"} for e in gathered]
+    # 2. rank 0 writes the main file; its success or failure is broadcast, so that no rank goes on while
+    # rank 0 raises (the others would wait for it in their next collective)
+    failure, own_error = None, None
+    if rank == 0:
+        try:
+            _write_main(filepath, save_dir, main, core_state, layout, checkpoint, outer_after, entries,
+                        save_id=save_id, world=world, step=step, fingerprint=fingerprint, core=core)
+        except Exception as err:  # noqa: BLE001 - as above
+            failure, own_error = _write_failure(0, getattr(err, "desloc_file", filepath), err), err
+            shutil.rmtree(save_dir, ignore_errors=True)
+    failure = comm.broadcast_object(failure, src=0)
+    if failure is not None:
+        _raise_write_failures(filepath, [failure], own_error)
     if rank != 0:
         return
+    _fault_point("committed", filepath)
+    for entry in os.listdir(root):
+        if entry != save_id:
+            shutil.rmtree(os.path.join(root, entry), ignore_errors=True)
 
-    # 2. rank 0: the main file under a temporary name, the manifest with its checksum, then the rename that
-    # commits the save; then old saves are removed
+
+def _write_main(filepath: str, save_dir: str, main: dict[str, Any], core_state: dict[str, Any], layout: Layout,
+                checkpoint: dict[str, Any], outer_after: Optional["OuterState"], entries: list[dict[str, Any]], *,
+                save_id: str, world: int, step: int, fingerprint: str, core: "DeslocSync") -> None:
+    """Rank 0: the main file under a temporary name, the manifest with its checksum, then the rename that
+    commits the save. An error carries the file it concerns as ``desloc_file``; no temporary file survives it."""
     shared = core_state["shared"]
     meta = {
         "format": FORMAT_VERSION,
@@ -612,21 +681,27 @@ def save(
     if outer_after is not None:
         meta["consensus_core"] = outer_after.shared(shared)
     main[META_KEY] = meta
-    tmp, main_digest, main_bytes = _write_temp(filepath, lambda f: torch.save(main, f))
+    try:
+        tmp, main_digest, main_bytes = _write_temp(filepath, lambda f: torch.save(main, f))
+    except Exception as err:
+        err.desloc_file = filepath  # type: ignore[attr-defined]
+        raise
     manifest = {k: meta[k] for k in ("format", "save_id", "world_size", "global_step", "optimizer_steps", "fingerprint")}
     manifest["shards"] = sorted(entries, key=lambda e: e["rank"])
     manifest["main"] = {"sha256": main_digest, "bytes": main_bytes}
+    manifest_path = os.path.join(save_dir, MANIFEST_NAME)
     try:
-        atomic_write(os.path.join(save_dir, MANIFEST_NAME), json.dumps(manifest, indent=1).encode())
-    except BaseException:
+        atomic_write(manifest_path, json.dumps(manifest, indent=1).encode())
+    except BaseException as err:
         with suppress(OSError):
             os.remove(tmp)
+        err.desloc_file = manifest_path  # type: ignore[attr-defined]
         raise
-    _commit(tmp, filepath)
-    _fault_point("committed", filepath)
-    for entry in os.listdir(root):
-        if entry != save_id:
-            shutil.rmtree(os.path.join(root, entry), ignore_errors=True)
+    try:
+        _commit(tmp, filepath)
+    except Exception as err:
+        err.desloc_file = filepath  # type: ignore[attr-defined]
+        raise
 
 
 def remove(filepath: Any) -> None:

@@ -248,7 +248,7 @@ class DeslocConfig:
             raise ValueError(f"on_nonfinite must be None, 'heal' or 'raise', got {mode!r}; e.g. on_nonfinite='heal' "
                              "averages over the finite ranks and goes on, 'raise' stops every rank with an error")
         others = {"compression": bool(self.compression), "overlap_steps": self.overlap_steps != 0,
-                  "fragments": self.fragments != 1, "outer_lr": self.outer is not None,
+                  "outer_lr": self.outer is not None,
                   "max_drift": self.drift is not None, "param_sync_every='auto'": self.is_auto,
                   "state_policy='reset'": self.state_policy == "reset",
                   "ddp_warmup_steps": self.ddp_warmup_steps != 0, "group_size": self.hierarchy is not None}
@@ -258,7 +258,8 @@ class DeslocConfig:
         if clash:
             raise ValueError(
                 f"on_nonfinite={mode!r} cannot be combined with {', '.join(clash)} yet (the guard leaves a rank out of "
-                "exact, blocking, whole-model rounds of one level only). Remove them, or use on_nonfinite=None.")
+                "exact, blocking rounds of one level only, of the whole model or of fragments). Remove them, or use "
+                "on_nonfinite=None.")
 
     def _check_fragments(self) -> None:
         f = self.fragments
@@ -473,7 +474,8 @@ ARGUMENT_DOCS: dict[str, str] = {
         states are replaced too (``comm/healed_ranks`` counts the ranks left out). ``"raise"``: the same
         round, then every rank raises ``FloatingPointError`` at the next optimizer step. Each rank's flag
         rides on the round (4 bytes per rank, category ``control``): no extra collective, no host
-        synchronisation. Not yet with compression, ``overlap_steps``, ``fragments``, ``outer_lr``,
+        synchronisation. With ``fragments`` each fragment's round checks what it carries, and a healed
+        rank gets one full round as above. Not yet with compression, ``overlap_steps``, ``outer_lr``,
         ``max_drift``, ``"auto"``, ``ddp_warmup_steps``, ``group_size`` or ``state_policy="reset"`` (nor
         ``"keep_local"`` with ``"heal"``). See ``docs/checkpointing.md``, "A rank that goes non-finite".""",
     "allow_consensus_fallback": """on resume, a truncated, corrupt or foreign per-rank shard raises

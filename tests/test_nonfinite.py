@@ -44,24 +44,25 @@ def simulate(cfg: ref.Config, n_calls: int, workers: int, mode) -> list[list[dic
     team = [ref.Worker(params=[p.clone() for p in ref.start_params(0, cfg.seed)]) for _ in range(workers)]
     history = [[w.snapshot() for w in team]]
     full_round_next = False
+    everything = [(what, i) for what in ALL for i in range(len(team[0].params))]
     for s in range(1, n_calls + 1):
         for m, w in enumerate(team):  # no AMP scaler: an infinite gradient goes into the update and the states
             ref.adam_update(cfg, w, ref.gradient(cfg, w.params, m, s - 1), cfg.lr_at(s))
-        due = [what for what in ALL if (s % cfg.param_sync_every == 0 if what == "params"
-                                        else s % cfg.state_sync_every[what] == 0)]
+        # (what, tensor position): with fragments=F only the due fragments' tensors (reference.due_items)
+        due = [(what, i) for what, positions in ref.due_items(cfg, s) for i in positions]
         if mode == "heal" and full_round_next:
-            due, full_round_next = list(ALL), False
+            due, full_round_next = everything, False
         if due:
             def values(w, what):
                 return w.params if what == "params" else w.state[what]
 
-            finite = [all(bool(torch.isfinite(t).all()) for what in due for t in values(w, what)) for w in team]
+            finite = [all(bool(torch.isfinite(values(w, what)[i]).all()) for what, i in due) for w in team]
             counted = [w for w, ok in zip(team, finite) if ok or mode is None]
-            for what in due:
-                means = [torch.stack(ts).mean(dim=0) for ts in zip(*(values(w, what) for w in counted))]
+            for what, i in due:
+                mean = torch.stack([values(w, what)[i] for w in counted]).mean(dim=0)
                 for w in team:
-                    values(w, what)[:] = [m.clone() for m in means]
-            if mode == "heal" and not all(finite) and set(due) != set(ALL):
+                    values(w, what)[i] = mean.clone()
+            if mode == "heal" and not all(finite) and set(due) != set(everything):
                 full_round_next = True
         history.append([w.snapshot() for w in team])
     return history
@@ -85,7 +86,7 @@ def _train_core(rank: int, cfg: ref.Config, n_calls: int, mode, comm=None) -> di
     params = [p.clone().requires_grad_(True) for p in ref.start_params(0, cfg.seed)]
     opt = torch.optim.Adam(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
     core = DeslocSync(DeslocConfig(param_sync_every=cfg.param_sync_every, state_sync_every=cfg.state_sync_every,
-                                   on_nonfinite=mode), comm=comm if comm is not None else Comm())
+                                   fragments=cfg.fragments, on_nonfinite=mode), comm=comm if comm is not None else Comm())
     core.attach([opt])
     history = [{"params": [p.detach().clone() for p in params], "state": {}}]
     messages: list[str] = []
@@ -120,11 +121,16 @@ POISONED = ref.Config("adam", param_sync_every=4, state_sync_every=PERIODS, lr=2
                       skip_calls=frozenset({7}), skip_ranks=frozenset({2}))  # step 8 on rank 2: a round step
 HEALTHY = ref.Config("adam", param_sync_every=4, state_sync_every=PERIODS, lr=2e-2)
 N_CALLS = 12
+# fragments=2: fragment 0 (offset 0) after steps 4, 8, 12, fragment 1 (offset 2) after 2, 6, 10; step 8's
+# round carries fragment 0's parameters only, so rank 2's fragment 1 and its states stay NaN until the full round
+FRAGMENTED = ref.Config("adam", param_sync_every=4, state_sync_every=PERIODS, lr=2e-2, fragments=2,
+                        skip_calls=frozenset({7}), skip_ranks=frozenset({2}))
 
 
 def _three_ranks(rank: int, world: int, out: str) -> None:
     runs = {mode: _train_core(rank, POISONED, N_CALLS, mode) for mode in (None, "heal", "raise")}
     runs.update({f"healthy-{mode}": _train_core(rank, HEALTHY, N_CALLS, mode) for mode in (None, "heal")})
+    runs.update({f"fragments-{mode}": _train_core(rank, FRAGMENTED, N_CALLS, mode) for mode in ("heal", "raise")})
     torch.save(runs, f"{out}/rank{rank}.pt")
 
 
@@ -158,6 +164,29 @@ def test_heal_gives_every_rank_the_finite_ranks_mean_then_a_full_round(three_ran
     assert three_ranks[1]["heal"]["messages"] == three_ranks[2]["heal"]["messages"] == []
     # rounds: step 4 and 8 (parameters), 9 (everything: the full round), 12 (parameters and exp_avg)
     assert three_ranks[0]["heal"]["rounds"] == {"params": 4, "state/exp_avg": 2, "state/exp_avg_sq": 1, "control": 4}
+
+
+def test_heal_with_fragments_checks_what_each_fragment_round_carries_then_runs_a_full_round(three_ranks):
+    want = simulate(FRAGMENTED, N_CALLS, 3, "heal")
+    assert ref.fragment_positions(FRAGMENTED) == [0, 1, 1, 1]  # step 8's round: W1 only
+    for r, run in enumerate(three_ranks):
+        got = run["fragments-heal"]["history"]
+        assert run["fragments-heal"]["raised"] is None and len(got) == N_CALLS + 1
+        for call in range(1, N_CALLS + 1):
+            assert_matches(got[call], want[call][r], f"rank {r} after step {call}")
+        assert all(finite(got[c]) for c in range(9, N_CALLS + 1)), f"rank {r} not healed by step 9's full round"
+    rank2 = three_ranks[2]["fragments-heal"]["history"][8]
+    assert torch.isfinite(rank2["params"][0]).all() and not torch.isfinite(rank2["params"][1]).all()
+    messages = three_ranks[0]["fragments-heal"]["messages"]
+    assert len(messages) == 2 and all("rank(s) [2] of 3" in m for m in messages)
+    assert "after optimizer step 8" in messages[0] and "averages the parameters and every state once more" in messages[0]
+    assert "after optimizer step 9" in messages[1] and "they are healed" in messages[1]
+    # rounds: fragment rounds after steps 2, 4, 6, 8, 10, 12, the full round after 9
+    assert three_ranks[0]["fragments-heal"]["rounds"]["control"] == 7
+    for r, run in enumerate(three_ranks):  # raise: every rank at step 9, the round already left rank 2 out
+        step, message = run["fragments-raise"]["raised"]
+        assert step == 9 and "rank(s) [2] of 3" in message and "after optimizer step 8" in message, (r, message)
+        assert torch.isfinite(run["fragments-raise"]["history"][8]["params"][0]).all()
 
 
 def test_the_default_lets_a_nan_reach_every_rank(three_ranks):
@@ -394,7 +423,6 @@ def test_trainer_raise_ends_every_rank_with_floating_point_error(tmp_path):
 @pytest.mark.parametrize("others, named", [
     (dict(compression="bf16"), "compression"),
     (dict(overlap_steps=1), "overlap_steps"),
-    (dict(fragments=2), "fragments"),
     (dict(outer_lr=0.7), "outer_lr"),
     (dict(max_drift=0.1), "max_drift"),
     (dict(param_sync_every="auto", state_sync_every=None), "param_sync_every='auto'"),
