@@ -2,6 +2,7 @@
 spawned processes can unpickle them)."""
 
 import os
+import sys
 
 import lightning as L
 import torch
@@ -55,6 +56,18 @@ class Recorder(Callback):
     def __init__(self, out_dir: str):
         self.out_dir = out_dir
         self.record = {"steps": {}}
+
+    def setup(self, trainer, pl_module, stage):
+        # a worker process (not pytest's own, devices=1) writes its stderr to <out_dir>/rank<r>.err, so the
+        # tests read the resume messages whatever start method the workers had (a forkserver's workers do
+        # not share the test's stderr); setup runs before the checkpoint is read
+        import multiprocessing
+
+        if multiprocessing.parent_process() is not None:
+            os.makedirs(self.out_dir, exist_ok=True)
+            sys.stderr.flush()
+            err = open(os.path.join(self.out_dir, f"rank{trainer.global_rank}.err"), "w")
+            os.dup2(err.fileno(), 2)
 
     def _state(self, trainer, pl_module):
         out = {"params": flat_params(pl_module), "optimizer_steps": list(trainer.strategy.optimizer_steps)}

@@ -19,6 +19,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from ckpt_models import CrashDuringSave, Net, Recorder, flat_params
+from helpers import START_METHOD
 from lightning_desloc import DeslocStrategy
 from lightning_desloc import checkpoint as ckpt
 
@@ -43,7 +44,7 @@ def make_trainer(out, epochs=3, devices=2, callbacks=(), allow_consensus_fallbac
         enable_model_summary=False,
         use_distributed_sampler=False,
         num_sanity_val_steps=0,
-        strategy=DeslocStrategy(**PERIODS, start_method="spawn", allow_consensus_fallback=allow_consensus_fallback),
+        strategy=DeslocStrategy(**PERIODS, start_method=START_METHOD, allow_consensus_fallback=allow_consensus_fallback),
         callbacks=cbs,
     )
 
@@ -52,6 +53,13 @@ def fit(out, ckpt_path=None, model=None, **kwargs):
     L.seed_everything(0)
     make_trainer(str(out), **kwargs).fit(model or Net(), ckpt_path=ckpt_path)
     return {int(os.path.basename(f)[4:-3]): torch.load(f) for f in glob.glob(os.path.join(str(out), "rec", "rank*.pt"))}
+
+
+def messages(out, capfd):
+    """What the ranks wrote to stderr: the workers' files (see ``Recorder.setup``) and, for a fit in this
+    process (devices=1), the captured stderr."""
+    files = sorted(glob.glob(os.path.join(str(out), "rec", "rank*.err")))
+    return capfd.readouterr().err + "".join(open(f).read() for f in files)
 
 
 def shards_of(main_path):
@@ -152,7 +160,7 @@ def test_model_checkpoint_keeps_main_files_and_shards_together(reference):
 def test_same_size_resume_continues_the_uninterrupted_run_bit_for_bit(reference, tmp_path, capfd):
     out, ref = reference
     got = fit(tmp_path / "resumed", ckpt_path=os.path.join(out, "all", "epoch=0-step=5.ckpt"))
-    assert "LOCAL path" in capfd.readouterr().err
+    assert "LOCAL path" in messages(tmp_path / "resumed", capfd)
     for r in (0, 1):
         assert got[r]["resume"] == "local"
         assert got[r]["start"]["optimizer_steps"] == [5]
@@ -173,7 +181,7 @@ def test_same_size_resume_continues_the_uninterrupted_run_bit_for_bit(reference,
 def test_resume_on_another_world_size_starts_every_rank_from_the_mean_of_the_shards(epoch0, tmp_path, devices, capfd):
     expected = mean_of_shards(epoch0)
     got = fit(tmp_path / "run", ckpt_path=epoch0, devices=devices, epochs=2, checkpoints=False)
-    assert "CONSENSUS path (rank 0: saved with 2 ranks, resuming with" in capfd.readouterr().err
+    assert "CONSENSUS path (rank 0: saved with 2 ranks, resuming with" in messages(tmp_path / "run", capfd)
     assert sorted(got) == list(range(devices))
     for r in range(devices):
         assert got[r]["resume"] == "consensus"
@@ -192,7 +200,7 @@ def test_corrupt_shard_is_an_error_unless_the_fallback_is_allowed(epoch0, tmp_pa
     with pytest.raises(Exception, match=r"rank 1: shard .* is corrupt \(SHA-256"):
         fit(tmp_path / "strict", ckpt_path=epoch0, epochs=1, checkpoints=False)
     got = fit(tmp_path / "lenient", ckpt_path=epoch0, epochs=2, checkpoints=False, allow_consensus_fallback=True)
-    err = capfd.readouterr().err
+    err = messages(tmp_path / "lenient", capfd)
     assert "allow_consensus_fallback=True, so every rank starts from the consensus" in err
     main = torch.load(epoch0, weights_only=True)
     for r in (0, 1):  # both ranks agree on the consensus path, although rank 0's own shard is fine
@@ -278,7 +286,7 @@ def test_missing_shard_falls_back_to_the_consensus_with_a_warning(epoch0, tmp_pa
     directory, manifest, _ = shards_of(epoch0)
     os.remove(os.path.join(directory, manifest["shards"][1]["file"]))
     got = fit(tmp_path / "run", ckpt_path=epoch0, epochs=2, checkpoints=False)
-    assert "shards missing (rank 1: shard" in capfd.readouterr().err
+    assert "shards missing (rank 1: shard" in messages(tmp_path / "run", capfd)
     for r in (0, 1):
         assert got[r]["resume"] == "consensus"
         for key in ("params", "exp_avg", "exp_avg_sq"):
