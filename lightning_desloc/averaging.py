@@ -12,17 +12,22 @@ Everything due in one step travels in one round, for a group of M ranks:
   all-reduce's, float16 cannot overflow before the division, the mean is rounded once (a bfloat16 sum
   over many ranks would be several ulp off) and every rank ends bit-identical (each chunk's mean is
   computed by one rank).
-* **Compressed categories** (:mod:`lightning_desloc.compression`) travel together in one coded
-  reduce-scatter (``all_to_all_single`` of encoded parts) and one all-gather of the encoded mean parts.
+* **Compressed categories** (:mod:`lightning_desloc.compression`) travel in buckets too, each category's
+  flat elements on their own (:func:`~lightning_desloc.compression.bucket_numels`: a float32 message of
+  at most ``bucket_cap_bytes``, cut at whole int8 scale chunks per rank, so a bucket may end inside a
+  tensor): per bucket one coded reduce-scatter (``all_to_all_single`` of encoded parts) and one
+  all-gather of the encoded mean parts, the error feedback updated on the bucket's slice.
 
 The round is pipelined: bucket ``i + 1`` is packed and issued before bucket ``i`` is waited for, copied
 back and released, so at most two flat buckets exist at once (a bfloat16/float16 bucket also holds a
-receive buffer of its size while its all-to-all is in flight); the compressed categories are the last
-stage. Each round is recorded in a :class:`~lightning_desloc.ledger.CommLedger` by category: the
-payload averaged (``numel * element_size`` of the tensors, the codec's encoded size of the message for a
-compressed category, once per round, whatever collectives carry it: exactly what a rank hands to the
-all-reduce or the reduce-scatter) and the collectives issued (1 per float32/float64 bucket, 2 per
-bfloat16/float16 bucket, 2 for all the compressed categories).
+receive buffer of its size while its all-to-all is in flight); the compressed buckets come last, in
+the same pipeline (a coded bucket in flight holds its encoded send and receive buffers). Each round is
+recorded in a :class:`~lightning_desloc.ledger.CommLedger` by category: the payload averaged
+(``numel * element_size`` of the tensors, the codec's encoded size of the message for a compressed
+category, once per round, whatever collectives carry it: exactly what a rank hands to the all-reduce or
+the reduce-scatter; for a compressed category the sum of its buckets' encodings, equal to
+``codec.nbytes(numel)`` as the buckets are whole scale chunks) and the collectives issued (1 per
+float32/float64 bucket, 2 per bfloat16/float16 bucket, 2 per compressed bucket).
 
 Example, run on every rank of an initialised process group::
 
@@ -44,7 +49,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from lightning_desloc.compression import CompressionPlan, decode_parts, encode_parts, part_numels
+from lightning_desloc.compression import CompressionPlan, bucket_numels, part_numels
 from lightning_desloc.ledger import CommLedger
 
 DEFAULT_BUCKET_CAP_BYTES = 64 * 2**20
@@ -297,10 +302,12 @@ def average_(
             ``"state/exp_avg"``, ...). Integer tensors are not averaged; leave them out.
         ledger: where the round's payload bytes are recorded per category.
         group: process group; the default group when ``None``.
-        bucket_cap_bytes: largest flat buffer handed to one bucket's collectives, in bytes.
-        compression: categories it names travel encoded (see :mod:`lightning_desloc.compression`) in
-            one coded reduce-scatter and all-gather, the last stage of the round; the rest are averaged
-            exactly (see the module docstring).
+        bucket_cap_bytes: largest flat buffer handed to one bucket's collectives, in bytes (for a
+            compressed category: of the bucket's float32 message, rounded down to whole int8 scale chunks
+            per rank, at least ``chunk * M`` elements).
+        compression: categories it names travel encoded (see :mod:`lightning_desloc.compression`),
+            each in buckets of a coded reduce-scatter and an all-gather, the last stages of the round;
+            the rest are averaged exactly (see the module docstring).
     """
     from lightning_desloc.comm import Comm
 
@@ -322,8 +329,9 @@ def average_round(
     Exact categories are grouped by dtype and device and packed into flat buckets of at most
     ``bucket_cap_bytes``; float32/float64 buckets are all-reduced (a sum) and divided by ``world``,
     bfloat16/float16 ones summed in float32 by a reduce-scatter and an all-gather. Compressed categories
-    travel in one coded reduce-scatter and all-gather after them. At most two stages (buckets, or the
-    compressed categories) are packed at once: each is issued before the previous one is waited for.
+    follow, each in buckets of a float32 message of at most ``bucket_cap_bytes`` (whole scale chunks per
+    rank), a coded reduce-scatter and an all-gather per bucket. At most two buckets, exact or coded,
+    are packed at once: each is issued before the previous one is waited for.
     Called by :class:`~lightning_desloc.comm.Comm`, which checks the group and records the bytes.
     """
     exact: list[Tensor] = []
@@ -355,8 +363,12 @@ def _stages(exact: Sequence[Tensor], coded: Sequence[tuple[Sequence[Tensor], Any
     """The round's stages, each packed and issued only when the pipeline asks for it."""
     for bucket in kind_buckets(exact, bucket_cap_bytes):
         yield _BucketStage(bucket, world, group, contribution)
-    if coded:
-        yield _CodedStage(coded, world, group)
+    for ts, memory in coded:
+        offsets, total = _category_offsets(ts), _numel(ts)
+        start = 0
+        for numel in bucket_numels(memory.codec, total, bucket_cap_bytes, world):
+            yield _CodedBucket(ts, offsets, memory, start, numel, total, world, group)
+            start += numel
 
 
 def _run_two_at_a_time(stages: Iterator[Any]) -> int:
@@ -390,88 +402,110 @@ class _BucketStage:
         self.work = None
 
 
-class _CodedMessage:
-    """One compressed category within a :class:`_CodedStage`: its tensors, memory and float32 message,
-    and per rank ``j`` the elements of part ``j`` and where its encoding sits in the ``j``-th row of the
-    stage's buffers (a row holds every category's part ``j``, in category order; offsets in bytes)."""
-
-    def __init__(self, tensors: Sequence[Tensor], memory: Any, message: Tensor, part_numels: list[int],
-                 part_bytes: list[int], offsets: list[int]) -> None:
-        self.tensors, self.memory, self.message = tensors, memory, message
-        self.part_numels, self.part_bytes, self.offsets = part_numels, part_bytes, offsets
-
-    def part(self, buffer: Tensor, row_start: int, j: int) -> Tensor:
-        """The encoding of part ``j`` in ``buffer``, whose row ``j`` begins at byte ``row_start``."""
-        begin = row_start + self.offsets[j]
-        return buffer[begin : begin + self.part_bytes[j]]
-
-    def decode(self, buffer: Tensor, row_starts: Sequence[int]) -> Tensor:
-        """The whole message decoded from the rows of ``buffer`` that begin at ``row_starts``."""
-        parts = [self.part(buffer, start, j) for j, start in enumerate(row_starts)]
-        return decode_parts(self.memory.codec, parts, self.part_numels)
-
-
-def _starts(row_bytes: Sequence[int]) -> list[int]:
-    """Where each of consecutive rows of ``row_bytes`` begins."""
+def _category_offsets(tensors: Sequence[Tensor]) -> list[int]:
+    """Where each tensor's elements begin in the concatenation of ``tensors``."""
     out, start = [], 0
-    for n in row_bytes:
+    for t in tensors:
         out.append(start)
-        start += n
+        start += t.numel()
     return out
 
 
-class _CodedStage:
-    """Every compressed category of a round, averaged by a coded reduce-scatter and an all-gather (the
-    protocol of :mod:`lightning_desloc.compression`).
+def _overlaps(tensors: Sequence[Tensor], offsets: Sequence[int], start: int,
+              numel: int) -> Iterator[tuple[Tensor, int, int, int]]:
+    """Per tensor overlapping elements ``[start, start + numel)`` of the concatenation of ``tensors``:
+    ``(tensor, first element in it, first element in the range, elements)``."""
+    stop = start + numel
+    for t, begin in zip(tensors, offsets):
+        lo, hi = max(start, begin), min(stop, begin + t.numel())
+        if lo < hi:
+            yield t, lo - begin, lo - start, hi - lo
 
-    At construction each message is cut into ``world`` parts and encoded; row ``j`` of the send buffer
-    holds every category's encoded part ``j`` and goes to rank ``j`` in one asynchronous
-    ``all_to_all_single`` (the rows' lengths add up to the encoded messages: what the ledger counts).
-    :meth:`finish` decodes the ``world`` received encodings of this rank's part of each category, takes
-    their float32 mean in rank order, encodes it again and all-gathers the encoded mean parts (padded to
-    the longest row); every rank decodes the same bytes, so all results (and anchors) are bit-identical.
-    Error feedback sees this rank's own first encoding (``memory.remember``)."""
+
+def _pack_range(tensors: Sequence[Tensor], offsets: Sequence[int], start: int, numel: int,
+                device: torch.device) -> Tensor:
+    """A new float32 tensor holding elements ``[start, start + numel)`` of the concatenation of
+    ``tensors`` (a bucket may begin or end inside a tensor)."""
+    flat = torch.empty(numel, dtype=torch.float32, device=device)
+    for t, src, dst, n in _overlaps(tensors, offsets, start, numel):
+        flat[dst : dst + n].copy_(t.detach().reshape(-1)[src : src + n])
+    return flat
+
+
+def _write_range(tensors: Sequence[Tensor], offsets: Sequence[int], start: int, values: Tensor) -> None:
+    """Copy ``values`` into elements ``[start, start + values.numel())`` of the concatenation of ``tensors``."""
+    for t, dst, src, n in _overlaps(tensors, offsets, start, values.numel()):
+        if t.is_contiguous():
+            t.view(-1)[dst : dst + n].copy_(values[src : src + n])
+        else:  # rare (parameters and states are contiguous): through a flat copy of the whole tensor
+            whole = t.reshape(-1).clone()
+            whole[dst : dst + n].copy_(values[src : src + n])
+            t.copy_(whole.view_as(t))
+
+
+class _CodedBucket:
+    """One bucket of a compressed category: its elements ``[start, start + numel)`` (of ``total``),
+    averaged by a coded reduce-scatter and an all-gather (the protocol of
+    :mod:`lightning_desloc.compression`).
+
+    At construction the bucket's float32 message is packed, cut into ``world`` parts and each part
+    encoded into its slice of the send buffer, part ``j`` going to rank ``j`` in one asynchronous
+    ``all_to_all_single`` (the parts' lengths add up to the bucket's encoded size); error feedback
+    (``memory.remember``, delta coding) takes this rank's own first encoding of each part right away, so
+    the message is dropped before the collective is issued. :meth:`finish` decodes the ``world``
+    received encodings of this rank's part, takes their float32 mean in rank order, encodes it again and
+    all-gathers the encoded mean parts (padded to the longest part); every rank decodes the same bytes
+    part by part into the tensors, so all results are bit-identical. Held in flight: the send and
+    receive buffers (each about the bucket's encoded size); during :meth:`finish` the gathered buffer
+    (the same size) and one part's decoded float32 values at a time."""
 
     calls = 2
 
-    def __init__(self, coded: Sequence[tuple[Sequence[Tensor], Any]], world: int, group: Optional[Any]) -> None:
+    def __init__(self, tensors: Sequence[Tensor], offsets: Sequence[int], memory: Any, start: int, numel: int,
+                 total: int, world: int, group: Optional[Any]) -> None:
+        self.tensors, self.offsets, self.memory, self.start = tensors, offsets, memory, start
         self.world, self.group, self.rank = world, group, dist.get_rank(group)
-        self.messages: list[_CodedMessage] = []
-        rows: list[list[Tensor]] = [[] for _ in range(world)]  # rows[j]: what rank j gets, by category
-        for ts, memory in coded:
-            message = memory.message(torch.cat([t.detach().reshape(-1) for t in ts]))
-            encodings = encode_parts(memory.codec, message, world)
-            offsets = [sum(e.numel() for e in row) for row in rows]
-            self.messages.append(_CodedMessage(ts, memory, message, part_numels(memory.codec, message.numel(), world),
-                                               [e.numel() for e in encodings], offsets))
-            for row, encoding in zip(rows, encodings):
-                row.append(encoding)
-        self.row_bytes = [sum(e.numel() for e in row) for row in rows]
-        self.sent: Optional[Tensor] = torch.cat([e for row in rows for e in row])
-        mine = self.row_bytes[self.rank]
-        self.received: Optional[Tensor] = torch.empty(world * mine, dtype=torch.uint8, device=self.sent.device)
+        codec = memory.codec
+        device = tensors[0].device
+        message = memory.message_(_pack_range(tensors, offsets, start, numel, device), start)
+        self.part_numels = part_numels(codec, numel, world)
+        self.part_bytes = [codec.nbytes(n) if n else 0 for n in self.part_numels]
+        self.sent: Optional[Tensor] = torch.empty(sum(self.part_bytes), dtype=torch.uint8, device=device)
+        element, byte = 0, 0
+        for n, nbytes in zip(self.part_numels, self.part_bytes):
+            if n:
+                part = message[element : element + n]
+                encoding = self.sent[byte : byte + nbytes]
+                encoding.copy_(codec.encode(part))
+                if memory.delta:
+                    memory.remember(part, codec.decode(encoding, n), start=start + element, total=total)
+            element, byte = element + n, byte + nbytes
+        del message
+        mine = self.part_bytes[self.rank]
+        self.received: Optional[Tensor] = torch.empty(world * mine, dtype=torch.uint8, device=device)
         self.work = dist.all_to_all_single(self.received, self.sent, output_split_sizes=[mine] * world,
-                                           input_split_sizes=self.row_bytes, group=group, async_op=True)
+                                           input_split_sizes=self.part_bytes, group=group, async_op=True)
 
     def finish(self) -> None:
         self.work.wait()
         assert self.received is not None and self.sent is not None
-        mine, widest = self.row_bytes[self.rank], max(self.row_bytes)
-        mean_parts = torch.zeros(widest, dtype=torch.uint8, device=self.sent.device)
-        for m in self.messages:
-            numel = m.part_numels[self.rank]
-            if numel:
-                codec = m.memory.codec
-                decoded = (codec.decode(m.part(self.received, i * mine, self.rank), numel) for i in range(self.world))
-                m.part(mean_parts, 0, self.rank).copy_(codec.encode(_rank_order_mean(decoded, self.world)))
-        self.received = None
-        gathered = torch.empty(self.world * widest, dtype=torch.uint8, device=mean_parts.device)
-        _all_gather_flat(gathered, mean_parts, self.group)
-        for m in self.messages:
-            result = m.memory.finish(m.decode(gathered, [j * widest for j in range(self.world)]))
-            m.memory.remember(m.message, m.decode(self.sent, _starts(self.row_bytes)), result)
-            _unflatten_into(result, m.tensors)
-        self.messages, self.sent = [], None
+        self.sent = None
+        codec, device = self.memory.codec, self.received.device
+        numel, mine, widest = self.part_numels[self.rank], self.part_bytes[self.rank], max(self.part_bytes)
+        mean_part = torch.zeros(widest, dtype=torch.uint8, device=device)
+        if numel:
+            decoded = (codec.decode(self.received[i * mine : (i + 1) * mine], numel) for i in range(self.world))
+            mean_part[:mine].copy_(codec.encode(_rank_order_mean(decoded, self.world)))
+        self.received = self.work = None
+        gathered = torch.empty(self.world * widest, dtype=torch.uint8, device=device)
+        _all_gather_flat(gathered, mean_part, self.group)
+        del mean_part
+        element = self.start
+        for j, n in enumerate(self.part_numels):
+            if n:
+                mean = codec.decode(gathered[j * widest : j * widest + self.part_bytes[j]], n)
+                _write_range(self.tensors, self.offsets, element, self.memory.finish(mean, element))
+            element += n
 
 
 def average_stacked_(

@@ -16,7 +16,12 @@ for a group of M ranks a coded reduce-scatter and an all-gather then average the
    rank all M mean parts, which every rank decodes: every rank applies the same bytes, so all ranks
    end bit-identical (results and anchors).
 
-All compressed categories of a round share these two collectives. Step 2's second encoding rounds the
+Each compressed category travels in buckets (:func:`bucket_numels`): consecutive ranges of its flat
+elements whose float32 message is at most ``bucket_cap_bytes`` (at least ``granule * M`` elements, a
+multiple of it but for the last bucket), each averaged by steps 1-3 with its own two collectives; a
+bucket may cut a tensor in two. As every bucket but the last is a whole number of scale chunks per
+rank, the parts, their scales and every decoded value are what one message of the whole category would
+give, and the buckets' encodings add up to ``codec.nbytes(numel)``. Step 2's second encoding rounds the
 mean once more. That rounding is part of the common result every rank applies, so it causes no drift
 between ranks; it is in no rank's error feedback. For delta-coded parameters it is not lost either:
 the next message is measured from the anchor, which includes it, so the next round corrects it. For
@@ -84,6 +89,8 @@ Compression = Union[str, Mapping[str, str], None]
 
 class Bf16Codec:
     name = "bf16"
+    #: elements coded together: parts and buckets are cut at multiples of it (bfloat16: any element)
+    granule = 1
 
     def nbytes(self, numel: int) -> int:
         return 2 * numel
@@ -109,6 +116,11 @@ class Int8Codec:
 
     def nbytes(self, numel: int) -> int:
         return numel + 4 * math.ceil(numel / self.chunk)
+
+    @property
+    def granule(self) -> int:
+        """Elements coded together (one scale): parts and buckets are cut at multiples of it."""
+        return self.chunk
 
     def part_numel(self, numel: int, parts: int) -> int:
         """Elements in each of ``parts`` consecutive parts of a ``numel``-element message (the last
@@ -143,6 +155,21 @@ def part_numels(codec: Any, numel: int, parts: int) -> list[int]:
     ``codec.part_numel(numel, parts)`` each, the last ones shorter or empty."""
     size = codec.part_numel(numel, parts)
     return [max(0, min(size, numel - j * size)) for j in range(parts)]
+
+
+def bucket_numels(codec: Any, numel: int, cap_bytes: int, parts: int) -> list[int]:
+    """The elements of the consecutive buckets a compressed category of ``numel`` elements travels in:
+    as many elements as a float32 message of ``cap_bytes`` holds, rounded down to a multiple of
+    ``codec.granule * parts`` (at least one such multiple), the last bucket the rest. Each bucket but the
+    last splits into ``parts`` parts of whole scale chunks, so the buckets' scales are the whole
+    category's and their encodings add up to ``codec.nbytes(numel)``.
+
+        >>> bucket_numels(Int8Codec(chunk=4), 50, cap_bytes=64, parts=2)   # 16 elements: 2 parts of 2 chunks
+        [16, 16, 16, 2]
+    """
+    align = codec.granule * parts
+    size = max(align, cap_bytes // 4 // align * align)
+    return [min(size, numel - start) for start in range(0, numel, size)]
 
 
 def encode_parts(codec: Any, message: Tensor, parts: int) -> list[Tensor]:
@@ -190,6 +217,12 @@ def parse_compression(compression: Compression) -> dict[str, str]:
     return out
 
 
+def _widened(m: Tensor, other: Tensor) -> Tensor:
+    """``m``, converted to ``other``'s dtype when that is wider (float64)."""
+    wider = torch.promote_types(m.dtype, other.dtype)
+    return m if wider == m.dtype else m.to(wider)
+
+
 @dataclass
 class CompressedCategory:
     """Per-rank memory of one compressed category: the residual of error feedback (delta coding only).
@@ -202,29 +235,52 @@ class CompressedCategory:
     anchor: Optional[ConsensusSnapshot] = None
     residual: Optional[Tensor] = None
 
-    def _anchor(self, like: Tensor) -> Tensor:
+    def _anchor(self, like: Tensor, start: int = 0) -> Tensor:
+        """The anchor's elements ``[start, start + like.numel())`` (zeros before the first snapshot)."""
         if self.anchor is None or self.anchor.flat is None:
             return torch.zeros_like(like)
-        return self.anchor.flat
+        return self.anchor.flat[start : start + like.numel()]
 
-    def message(self, flat: Tensor) -> Tensor:
-        """What this rank sends (before encoding): the value, or its change since the anchor, plus feedback."""
-        m = flat.float()
-        if self.delta:
-            m = m - self._anchor(m)
-            if self.residual is not None:
-                m = m + self.residual
+    def message(self, flat: Tensor, start: int = 0) -> Tensor:
+        """What this rank sends (before encoding): the value, or its change since the anchor, plus
+        feedback; ``flat`` holds the category's elements ``[start, start + flat.numel())`` (a bucket)."""
+        return self.message_(flat.to(torch.float32, copy=True), start)
+
+    def message_(self, m: Tensor, start: int = 0) -> Tensor:
+        """:meth:`message` of a float32 ``m`` this rank owns, computed in place where the dtypes allow
+        (a wider anchor or residual, float64, widens it first, as ``m - anchor`` would)."""
+        if not self.delta:
+            return m
+        if self.anchor is not None and self.anchor.flat is not None:
+            anchor = self.anchor.flat[start : start + m.numel()]
+            m = _widened(m, anchor).sub_(anchor)
+        if self.residual is not None:
+            residual = self.residual[start : start + m.numel()]
+            m = _widened(m, residual).add_(residual)
         return m
 
-    def remember(self, sent: Tensor, decoded_own: Tensor, result: Tensor) -> None:
+    def remember(self, sent: Tensor, decoded_own: Tensor, result: Optional[Tensor] = None, start: int = 0,
+                 total: Optional[int] = None) -> None:
         """Keep what encoding left out of this rank's message ``sent``: ``decoded_own`` is what the
         other ranks decoded of it (the first encoding; the second one, of the mean, is common to all
-        ranks and reaches the next message through the anchor, which ``result`` becomes)."""
-        if self.delta:
-            self.residual = sent - decoded_own
+        ranks and reaches the next message through the anchor, which ``result`` becomes). ``sent`` holds
+        the category's elements from ``start`` on, of ``total`` (by default ``sent``'s): that slice of
+        the residual is overwritten in place (a round allocates no new residual once there is one)."""
+        if not self.delta:
+            return
+        n = sent.numel()
+        total = n if total is None else total
+        r = self.residual
+        if r is None or r.numel() != total or r.dtype != sent.dtype or r.device != sent.device:
+            if start == 0 and n == total:
+                self.residual = sent - decoded_own
+                return
+            self.residual = torch.zeros(total, dtype=sent.dtype, device=sent.device)
+        torch.sub(sent, decoded_own, out=self.residual[start : start + n])
 
-    def finish(self, mean: Tensor) -> Tensor:
-        return self._anchor(mean) + mean if self.delta else mean
+    def finish(self, mean: Tensor, start: int = 0) -> Tensor:
+        """The new value of the category's elements ``[start, start + mean.numel())`` from their mean."""
+        return self._anchor(mean, start) + mean if self.delta else mean
 
 
 @dataclass
@@ -271,7 +327,8 @@ class CompressionPlan:
             cat.residual = None
 
     def state_dict(self) -> dict:
-        """Each delta-coded category's residual (this rank's own; the anchor is the core's snapshot)."""
+        """Each delta-coded category's residual (this rank's own; the anchor is the core's snapshot). The
+        live tensor, not a copy (a save writes it at once; a round updates it in place: copy it to keep it)."""
         return {k: {"residual": c.residual} for k, c in self.categories.items() if c.delta}
 
     def load_state_dict(self, state: Mapping, device: Optional[torch.device] = None) -> None:
@@ -279,7 +336,8 @@ class CompressionPlan:
             cat = self.for_category(category)
             if cat is not None and mem.get("residual") is not None:
                 residual = mem["residual"]
-                cat.residual = residual.to(device) if device is not None else residual
+                # a copy: rounds update the residual in place, and the loaded tensor belongs to the caller
+                cat.residual = residual.to(device if device is not None else residual.device, copy=True)
 
 
 class CompressionOption(SyncOption):

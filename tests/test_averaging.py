@@ -8,6 +8,7 @@ import torch.distributed as dist
 
 from lightning_desloc.averaging import DEFAULT_BUCKET_CAP_BYTES, average_, broadcast_, start_average_round
 from lightning_desloc.comm import Comm
+from lightning_desloc.compression import CompressionPlan
 from lightning_desloc.ledger import CommLedger
 
 from helpers import run_on_processes
@@ -221,3 +222,44 @@ def test_a_round_holds_at_most_two_flat_buckets(tmp_path):
                 assert torch.equal(t, got["one_bucket"][cat][i])
                 want = torch.stack([per_rank[r][cat][i].double() for r in range(world)]).mean(0).to(t.dtype)
                 assert torch.equal(t, want) if t.dtype == torch.bfloat16 else torch.allclose(t, want.float())
+
+
+def coded_pipeline_tensors(rank):
+    """bf16-coded parameters (a non-contiguous 16 x 8 tensor, then seven of 64 elements: 576) and an exact
+    float32 first moment of 4 x 64: with a 256-byte cap, 4 exact buckets and 9 coded ones of 64 elements
+    (a float32 message of 256 bytes), the first two cutting the non-contiguous tensor in half."""
+    g = torch.Generator().manual_seed(700 + rank)
+    return {"params": [torch.randn(8, 16, generator=g).t()] + [torch.randn(64, generator=g) for _ in range(7)],
+            "state/exp_avg": [torch.randn(64, generator=g) for _ in range(4)]}
+
+
+def _coded_pipeline_worker(rank, world, out_dir):
+    one_bucket = coded_pipeline_tensors(rank)
+    average_(one_bucket, compression=CompressionPlan({"params": "bf16"}))
+    tensors, ledger = coded_pipeline_tensors(rank), CommLedger()
+    with LiveFlats() as live:
+        average_(tensors, ledger, bucket_cap_bytes=256, compression=CompressionPlan({"params": "bf16"}))
+    torch.save({"tensors": tensors, "one_bucket": one_bucket, "most_live": live.most, "n_flats": len(live.flats),
+                "ledger": ledger.state_dict()}, f"{out_dir}/coded{rank}.pt")
+
+
+def test_a_round_holds_at_most_two_coded_buckets(tmp_path):
+    world = 2
+    run_on_processes(_coded_pipeline_worker, world, str(tmp_path))
+    per_rank = [coded_pipeline_tensors(r) for r in range(world)]
+    bf16 = lambda t: t.to(torch.bfloat16).float()  # noqa: E731
+    for rank in range(world):
+        got = torch.load(tmp_path / f"coded{rank}.pt")
+        # the flats handed to the collectives: 4 all-reduced buckets, then the 9 coded buckets' send buffers
+        assert got["most_live"] == 2, got["most_live"]
+        assert got["n_flats"] == 4 + 9
+        # bytes: 2 per bf16 element, 4 per float32 one; calls: 1 per exact bucket, 2 per coded one
+        assert got["ledger"]["bytes"] == {"params": 2 * 576, "state/exp_avg": 4 * 256}
+        assert got["ledger"]["calls"] == 4 + 2 * 9
+        for cat, ts in got["tensors"].items():
+            for i, t in enumerate(ts):
+                # bit for bit what one bucket per category gives, and the coded mean for params
+                assert torch.equal(t, got["one_bucket"][cat][i])
+                a, b = (per_rank[r][cat][i] for r in range(world))
+                want = bf16((bf16(a) + bf16(b)) / 2) if cat == "params" else (a + b) / 2
+                assert torch.equal(t, want), (cat, i)

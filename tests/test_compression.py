@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from lightning_desloc.averaging import average_
-from lightning_desloc.compression import Bf16Codec, CompressionPlan, Int8Codec, parse_compression
+from lightning_desloc.averaging import DEFAULT_BUCKET_CAP_BYTES, average_
+from lightning_desloc.compression import Bf16Codec, CompressionPlan, Int8Codec, bucket_numels, parse_compression
 from lightning_desloc.ledger import CommLedger
 from lightning_desloc.snapshot import ConsensusSnapshot
 
@@ -157,7 +157,7 @@ def coded_values(rank, round_):
             "state/exp_avg_sq": [torch.rand(40, generator=g) ** 4]}
 
 
-def _coded_rounds(group, rounds):
+def _coded_rounds(group, rounds, bucket_cap_bytes=DEFAULT_BUCKET_CAP_BYTES):
     """``rounds`` coded rounds of :func:`coded_values` over ``group``: per round, what this rank ends with."""
     rank = dist.get_rank(group)
     snapshot = ConsensusSnapshot()  # the core's consensus snapshot, held by the test here
@@ -166,17 +166,18 @@ def _coded_rounds(group, rounds):
     ledger, history = CommLedger(), []
     for round_ in range(rounds):
         tensors = coded_values(rank, round_)
-        average_(tensors, ledger, group=group, compression=plan)
+        average_(tensors, ledger, group=group, compression=plan, bucket_cap_bytes=bucket_cap_bytes)
         snapshot.take(tensors["params"])  # as the core does after every parameter average
         history.append({"tensors": tensors, "residual": plan.categories["params"].residual.clone(),
                         "anchor": snapshot.flat.clone()})
     return {"history": history, "ledger": ledger.state_dict()}
 
 
-def _coded_worker(rank, world, out_dir, rounds):
+def _coded_worker(rank, world, out_dir, rounds, bucket_cap_bytes=DEFAULT_BUCKET_CAP_BYTES):
     # two groups of 2 ranks side by side, then all 4 ranks: both sizes in one set of processes
     pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]
-    runs = {2: _coded_rounds(pairs[rank // 2], rounds), 4: _coded_rounds(None, rounds)}
+    runs = {2: _coded_rounds(pairs[rank // 2], rounds, bucket_cap_bytes),
+            4: _coded_rounds(None, rounds, bucket_cap_bytes)}
     torch.save(runs, f"{out_dir}/coded{rank}.pt")
 
 
@@ -184,8 +185,11 @@ def flat(ts):
     return torch.cat([t.reshape(-1) for t in ts])
 
 
-def check_coded_rounds(got, rounds):
-    """``got``: per rank of one group, what :func:`_coded_rounds` returned; checked against the reference."""
+def check_coded_rounds(got, rounds, buckets=3):
+    """``got``: per rank of one group, what :func:`_coded_rounds` returned; checked against the reference
+    (the coded mean of each whole category: the buckets are cut at whole scale chunks per rank, so they
+    give the same values bit for bit). ``buckets``: the coded buckets of a round (one per category by
+    default), 2 collectives each."""
     world = len(got)
     anchor, residual = torch.zeros(300), [torch.zeros(300) for _ in range(world)]
     for round_ in range(rounds):
@@ -215,7 +219,8 @@ def check_coded_rounds(got, rounds):
     ledger = got[0]["ledger"]
     assert ledger["bytes"] == {"params": rounds * nbytes(300), "state/exp_avg": rounds * 2 * 3,
                                "state/exp_avg_sq": rounds * nbytes(40)}
-    assert (ledger["rounds"], ledger["calls"]) == (rounds, 2 * rounds)  # one all-to-all, one all-gather
+    # per bucket one all-to-all, one all-gather
+    assert (ledger["rounds"], ledger["calls"]) == (rounds, 2 * buckets * rounds)
 
 
 def test_coded_reduce_scatter_on_2_and_4_processes_matches_reference_on_every_rank(tmp_path):
@@ -225,6 +230,33 @@ def test_coded_reduce_scatter_on_2_and_4_processes_matches_reference_on_every_ra
     check_coded_rounds([got[0][2], got[1][2]], rounds)
     check_coded_rounds([got[2][2], got[3][2]], rounds)
     check_coded_rounds([g[4] for g in got], rounds)
+
+
+def test_bucketed_coded_round_on_2_and_4_processes_matches_reference_on_every_rank(tmp_path):
+    # an 8-byte cap: a bucket holds 2 float32 message elements, rounded to whole scale chunks per rank.
+    # M = 2: params (35 + 265 int8 elements, chunks of 32) in buckets of 64 elements: 64, 64, 64, 64, 44 (the
+    # first one ends 29 elements into the second tensor); exp_avg (3 bf16) in 2 + 1; exp_avg_sq (40 int8)
+    # in one: 8 buckets. M = 4: params 128, 128, 44; exp_avg 3; exp_avg_sq 40: 5 buckets.
+    rounds = 2
+    run_on_processes(_coded_worker, 4, str(tmp_path), rounds, 8)
+    got = [torch.load(tmp_path / f"coded{r}.pt") for r in range(4)]
+    check_coded_rounds([got[0][2], got[1][2]], rounds, buckets=8)
+    check_coded_rounds([got[2][2], got[3][2]], rounds, buckets=8)
+    check_coded_rounds([g[4] for g in got], rounds, buckets=5)
+
+
+def test_coded_buckets_are_whole_scale_chunks_per_rank_and_add_up_to_the_encoded_size():
+    int8, bf16 = Int8Codec(chunk=32), Bf16Codec()
+    assert bucket_numels(int8, 300, cap_bytes=8, parts=2) == [64, 64, 64, 64, 44]
+    assert bucket_numels(int8, 300, cap_bytes=8, parts=4) == [128, 128, 44]
+    assert bucket_numels(int8, 300, cap_bytes=4 * 200, parts=2) == [192, 108]  # 200 rounded down to 3 x 64
+    assert bucket_numels(bf16, 3, cap_bytes=8, parts=2) == [2, 1]
+    assert bucket_numels(bf16, 3, cap_bytes=8, parts=4) == [3]
+    assert bucket_numels(int8, 0, cap_bytes=8, parts=2) == []
+    for numel in (1, 40, 300, 1001):
+        for parts in (2, 3, 4):
+            sizes = bucket_numels(int8, numel, cap_bytes=100, parts=parts)
+            assert sum(sizes) == numel and sum(int8.nbytes(n) for n in sizes) == int8.nbytes(numel)
 
 
 class ParamsAfterSync(Regression):
