@@ -3,6 +3,8 @@
     python benchmarks/overlap.py                         # 100 Mbit/s, 25 ms one way, K_x = 32
     python benchmarks/overlap.py --mbit 100 --latency-ms 25 --k 32 --tau 24 --steps 192
     python benchmarks/overlap.py --smoke                 # tiny model, a few steps: checks that it runs
+    python benchmarks/overlap.py --link real             # the same over a real delay line (root): see below
+    python benchmarks/overlap.py --link real --smoke
 
 Three runs of the same 2-rank ``Trainer(devices=2, strategy=DeslocStrategy(...))`` fit, each a fresh
 Python process, torch limited to 1 thread per rank:
@@ -24,10 +26,22 @@ blocking round costs its full transfer time in the step, and an overlapped one o
 ``tau`` steps later. What it leaves out: TCP's slow start and loss, and the CPU the real loopback
 all-reduce takes (it is there, on the same 2 cores, in every run alike).
 
+**``--link real``** builds the link instead (root; ``delayline.DelayLink``: two network namespaces, a tun
+device in each, a userspace forwarder that serialises each packet at ``--mbit`` and holds it
+``--latency-ms``): the same three runs, each as two Lightning "nodes" (``Trainer(num_nodes=2,
+devices=1)``, one process per namespace, started by ``slowlink.run_two_nodes``: gloo over the tun
+devices, ``GLOO_SOCKET_IFNAME``), nothing wrapped. There, TCP (slow start after idle, the
+congestion window), gloo's own algorithm, and the forwarder's CPU (on the same cores) are all in the
+numbers. ``limit`` is still the model's (the configured link's time per step). Without root, or
+without ``ip`` or ``/dev/net/tun``, it runs the two nodes on loopback and says so (not a link result).
+
 A step is the wall time between consecutive ``on_train_batch_end`` callbacks on rank 0; reported: the
 mean over the timed steps (the timed window is a whole number of the longest period, so every kind of
 round is in it in proportion), the median, and the ratio to the compute-only mean. ``limit`` is
-``max(compute, link time per step)``: what perfect overlap would give.
+``max(compute, link time per step)``: what perfect overlap would give. Two more lines, steadier than
+the ratios on a shared machine (the three runs are sequential): the blocking run's round steps minus its
+median step, by what the round carries (with the model's transfer time), and the overlapped run's steps
+where a round starts and where it lands, minus its median step.
 """
 
 from __future__ import annotations
@@ -52,6 +66,7 @@ from lightning.pytorch.callbacks import Callback  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
 from common import Batches, markdown_table, write_json  # noqa: E402
+from delayline import DelayLink, can_make_delay_link  # noqa: E402
 from lightning_desloc import DeslocStrategy  # noqa: E402
 
 
@@ -134,28 +149,33 @@ class StepTimes(Callback):
 
     def setup(self, trainer, pl_module, stage):
         torch.set_num_threads(1)
-        self.link = VirtualLink(*self.link_args, world=trainer.world_size)
-        put_on_link(self.link)
+        if self.link_args is not None:  # modelled link; None: the real one (or loopback), nothing wrapped
+            self.link = VirtualLink(*self.link_args, world=trainer.world_size)
+            put_on_link(self.link)
 
     def on_train_batch_end(self, trainer, *args):
         self.times.append(time.perf_counter())
 
     def on_train_end(self, trainer, pl_module):
         if trainer.global_rank == 0:
-            Path(self.out).write_text(json.dumps({"times": self.times, "link_busy_s": self.link.busy_s,
+            Path(self.out).write_text(json.dumps({"times": self.times,
+                                                  "link_busy_s": self.link.busy_s if self.link else None,
                                                   "ledger_bytes": dict(trainer.strategy.ledger.bytes)}))
 
 
 def worker(args) -> None:
     kind = args.worker
     k_x = args.k if kind != "no communication" else 10**9
+    real = args.link == "real"
+    # real: one process per node, started by slowlink.run_two_nodes (the strategy's default popen launcher)
     strategy = DeslocStrategy(param_sync_every=k_x, overlap_steps=args.tau if kind == "overlapped" else 0,
-                              start_method="spawn", log_comm=False)
+                              start_method="popen" if real else "spawn", log_comm=False)
     steps = args.warmup + args.steps
-    trainer = L.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_steps=steps, logger=False,
+    nodes = {"num_nodes": 2, "devices": 1} if real else {"devices": 2}
+    trainer = L.Trainer(accelerator="cpu", **nodes, strategy=strategy, max_steps=steps, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         use_distributed_sampler=False,
-                        callbacks=[StepTimes((args.mbit * 1e6 / 8, args.latency_ms / 1e3), args.out)])
+                        callbacks=[StepTimes(None if real else (args.mbit * 1e6 / 8, args.latency_ms / 1e3), args.out)])
     trainer.fit(Mlp(args.width, args.depth, steps, args.batch))
 
 
@@ -163,20 +183,45 @@ def worker(args) -> None:
 KINDS = ("no communication", "blocking", "overlapped")
 
 
-def measure(args, kind: str) -> dict:
+def measure(args, kind: str, link=None) -> dict:
+    """One run of ``kind``; with ``args.link == "real"`` two nodes over ``link`` (``None``: loopback)."""
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "times.json")
-        cmd = [sys.executable, __file__, "--worker", kind, "--out", out] + [
+        cmd = [sys.executable, os.path.abspath(__file__), "--worker", kind, "--out", out] + [
             f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
-            if k in ("mbit", "latency_ms", "k", "tau", "steps", "warmup", "width", "depth", "batch")]
+            if k in ("mbit", "latency_ms", "k", "tau", "steps", "warmup", "width", "depth", "batch", "link")]
         env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
-        if proc.returncode != 0:
-            raise RuntimeError(f"{kind} run failed:\n{proc.stderr[-3000:]}")
+        if args.link == "real":
+            from slowlink import run_two_nodes
+
+            logs = [Path(tmp) / f"node{i}.log" for i in range(2)]
+            codes = run_two_nodes(cmd, link, logs, timeout=args.timeout, extra_env={"PYTHONWARNINGS": "ignore"})
+            if codes != [0, 0] or not os.path.exists(out):
+                tails = "\n".join(f"--- node {i} (exit {c}):\n{logs[i].read_text()[-2000:]}"
+                                  for i, c in enumerate(codes))
+                raise RuntimeError(f"{kind} run failed:\n{tails}")
+        else:
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
+            if proc.returncode != 0:
+                raise RuntimeError(f"{kind} run failed:\n{proc.stderr[-3000:]}")
         data = json.loads(Path(out).read_text())
     gaps = [b - a for a, b in zip(data["times"], data["times"][1:])][args.warmup - 1:]
     return {"mean_ms": 1e3 * statistics.fmean(gaps), "median_ms": 1e3 * statistics.median(gaps),
-            "timed_steps": len(gaps), "link_busy_s": data["link_busy_s"], "ledger_bytes": data["ledger_bytes"]}
+            "timed_steps": len(gaps), "link_busy_s": data["link_busy_s"], "ledger_bytes": data["ledger_bytes"],
+            "gaps_ms": [round(1e3 * g, 3) for g in gaps]}
+
+
+def round_stalls(gaps_ms: list, k: int, warmup: int) -> dict:
+    """The blocking run's round steps minus its median step, by what the round carries (paper periods)."""
+    med = statistics.median(gaps_ms)
+    out: dict = {"params": [], "params + exp_avg": [], "params + exp_avg + exp_avg_sq": []}
+    for j, gap in enumerate(gaps_ms):
+        step = warmup + j + 1  # gaps_ms[j] is the batch after which global_step == warmup + j + 1
+        if step % k == 0:
+            kind = ("params + exp_avg + exp_avg_sq" if step % (6 * k) == 0 else
+                    "params + exp_avg" if step % (3 * k) == 0 else "params")
+            out[kind].append(gap - med)
+    return out
 
 
 def main() -> None:
@@ -190,6 +235,12 @@ def main() -> None:
     p.add_argument("--width", type=int, default=512)
     p.add_argument("--depth", type=int, default=4)
     p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--link", choices=("model", "real"), default="model",
+                   help="model: the virtual link inside each rank; real: two nodes over a delay line (root)")
+    p.add_argument("--mtu", type=int, default=9000, help="--link real: the tun devices' MTU")
+    p.add_argument("--timeout", type=float, default=600.0, help="--link real: seconds per run")
+    p.add_argument("--no-slow-start-after-idle", action="store_true",
+                   help="--link real: net.ipv4.tcp_slow_start_after_idle=0 in both namespaces")
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--json", default=None)
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -203,7 +254,22 @@ def main() -> None:
     if args.worker:
         return worker(args)
 
-    results = {kind: measure(args, kind) for kind in KINDS}
+    real_link, forwarder = None, None
+    if args.link == "real":
+        ok, why = can_make_delay_link()
+        if not ok:
+            print(f"NOTE: no delay line ({why}): both nodes on loopback, no bandwidth or latency limit; "
+                  "not a link result")
+            results = {kind: measure(args, kind) for kind in KINDS}
+        else:
+            load = Path("/proc/loadavg").read_text().split()[0]
+            sysctls = {"net.ipv4.tcp_slow_start_after_idle": "0"} if args.no_slow_start_after_idle else {}
+            with DelayLink(rate=f"{args.mbit:g}mbit", delay_ms=args.latency_ms, mtu=args.mtu,
+                           sysctls=sysctls) as real_link:
+                results = {kind: measure(args, kind, real_link) for kind in KINDS}
+            forwarder = dict(real_link.stats or {}, loadavg_1min_before=load)
+    else:
+        results = {kind: measure(args, kind) for kind in KINDS}
     n_params = args.depth * (args.width * args.width + args.width)
     compute = results["no communication"]["mean_ms"]
     link = VirtualLink(args.mbit * 1e6 / 8, args.latency_ms / 1e3, world=2)
@@ -218,16 +284,37 @@ def main() -> None:
         rows.append([kind, args.k if kind != "no communication" else "-", args.tau if kind == "overlapped" else "-",
                      f"{r['mean_ms']:.1f}", f"{r['median_ms']:.1f}", f"{r['mean_ms'] / compute:.2f}x",
                      f"{limit / compute:.2f}x" if kind != "no communication" else "-"])
+    what = {"model": "virtual link", "real": "LOOPBACK (no link)" if real_link is None else
+            "delay line (2 nodes, tun + forwarder" + (", no slow start after idle)" if real_link.sysctls else ")")}
     print(f"2 ranks, MLP {args.depth} x {args.width} ({n_params:,} params, {4 * n_params / 1e6:.1f} MB fp32), "
-          f"batch {args.batch}; virtual link {args.mbit:g} Mbit/s, {args.latency_ms:g} ms one way "
+          f"batch {args.batch}; {what[args.link]} {args.mbit:g} Mbit/s, {args.latency_ms:g} ms one way "
           f"(a parameter round: {1e3 * link.cost(4 * n_params):.0f} ms); {results['blocking']['timed_steps']} timed steps")
     print(markdown_table(["run", "K_x", "tau", "mean ms/step", "median ms/step", "vs compute", "limit vs compute"], rows))
     print(f"link time per step at K_x={args.k} (params every K_x, exp_avg every 3 K_x, exp_avg_sq every 6 K_x): "
           f"{per_step_link_ms:.1f} ms; compute {compute:.1f} ms; limit max(compute, link) = {limit:.1f} ms")
     print(f"ratio blocking / overlapped: {results['blocking']['mean_ms'] / results['overlapped']['mean_ms']:.2f}x")
+    stalls = round_stalls(results["blocking"]["gaps_ms"], args.k, args.warmup)
+    model = {"params": link.cost(4 * n_params), "params + exp_avg": link.cost(8 * n_params),
+             "params + exp_avg + exp_avg_sq": link.cost(12 * n_params)}
+    print("blocking, a round's step minus the median step, ms (the model's transfer time): " + "; ".join(
+        f"{kind}: {', '.join(f'{x:.0f}' for x in xs)} ({1e3 * model[kind]:.0f})" for kind, xs in stalls.items() if xs))
+    g = results["overlapped"]["gaps_ms"]
+    med = statistics.median(g)
+    starts = [x - med for j, x in enumerate(g) if (args.warmup + j + 1) % args.k == 0]
+    lands = [x - med for j, x in enumerate(g) if (args.warmup + j + 1) % args.k == args.tau % args.k
+             and args.warmup + j + 1 > args.k]
+    print("overlapped, minus the median step, ms: the step a round starts: " + ", ".join(f"{x:.0f}" for x in starts)
+          + "; the step it lands: " + ", ".join(f"{x:.0f}" for x in lands))
+    if forwarder:
+        f = forwarder
+        print(f"delay line over the three runs: {f['bytes'][0] / 1e6:.1f} MB a->b, {f['bytes'][1] / 1e6:.1f} MB b->a, "
+              f"dropped {sum(f['dropped'])}, forwarder CPU {f['cpu_s']:.1f} s in {f['wall_s']:.0f} s "
+              f"({100 * f['cpu_s'] / f['wall_s']:.1f} % of a core), latest delivery "
+              f"{max(f['max_late_ms']):.1f} ms after due; load average before: {f['loadavg_1min_before']} "
+              "(2 cores, shared)")
     if args.json:
         write_json(args.json, {"args": vars(args), "results": results, "limit_ms": limit,
-                               "link_per_step_ms": per_step_link_ms})
+                               "link_per_step_ms": per_step_link_ms, "forwarder": forwarder})
 
 
 if __name__ == "__main__":

@@ -2,8 +2,11 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+
+import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -145,3 +148,48 @@ def test_time_to_loss_seeds_lines_up_invocations(tmp_path):
     assert cells[1:6] == ["3/4", "3.00x / 2.00x / - / 4.00x", "3.00x", "1.50x / 2.00x / - / > 2.50x", "1.75x"]
     assert cells[6] == "3.00x / 3.00x / 3.00x / 3.00x" and cells[7] == "50.00 / 50.00 / - / 50.00"
     assert cells[8] == "1.50x / 1.50x / 1.50x / 1.50x"  # Local Adam's 45 ms over DES-LOC's 30 ms per step
+
+
+def _can_make_delay_link() -> tuple[bool, str]:
+    if not hasattr(os, "geteuid") or os.geteuid() != 0:
+        return False, "not root"
+    if shutil.which("ip") is None:
+        return False, "`ip` not found"
+    if not os.path.exists("/dev/net/tun"):
+        return False, "/dev/net/tun missing"
+    return True, ""
+
+
+def _netns_names() -> set[str]:
+    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    return {line.split()[0] for line in out.splitlines() if line.strip()}
+
+
+_delay_ok, _delay_why = _can_make_delay_link()
+needs_delay_link = pytest.mark.skipif(not _delay_ok, reason=f"no delay line: {_delay_why}")
+
+
+@needs_delay_link
+def test_delayline_smoke(tmp_path):
+    # a real tun + forwarder link (100 Mbit/s, 25 ms one way): ping RTT ~ 2 x delay, TCP through, no drops,
+    # and nothing of it left afterwards
+    before = _netns_names()
+    raw = tmp_path / "dl.json"
+    out = _run_bench(tmp_path, "delayline.py", "--json", str(raw), timeout=120)
+    assert "| measure" in out and "| TCP bulk, 2 MiB" in out
+    data = json.loads(raw.read_text())
+    assert 49.0 <= data["rtt"]["min_ms"] and data["rtt"]["avg_ms"] < 150.0 and data["rtt"]["loss_pct"] == 0
+    assert data["tcp"]["bytes"] == 2 * 2**20 and data["tcp"]["rate_Bps"] <= 1.05 * 12.5e6
+    assert data["forwarder"]["dropped"] == [0, 0] and min(data["forwarder"]["packets"]) > 0
+    assert not {n for n in _netns_names() - before if n.startswith("dldl")}
+
+
+@needs_delay_link
+def test_overlap_real_link_smoke(tmp_path):
+    before = _netns_names()
+    out = _run_bench(tmp_path, "overlap.py", "--link", "real", timeout=400)
+    assert "delay line (2 nodes, tun + forwarder)" in out and "| run" in out and "| vs compute" in out
+    for kind in ("no communication", "blocking", "overlapped"):
+        assert float(_table_row(out, kind)[3]) > 0
+    assert "dropped 0" in out
+    assert not {n for n in _netns_names() - before if n.startswith("dldl")}
