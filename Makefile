@@ -17,13 +17,15 @@ ifneq ($(want_version),$(have_version))
 $(STAMP): .FORCE
 endif
 
-.PHONY: help demo test check-env env .FORCE
+.PHONY: help demo test bench-smoke check-env env .FORCE
 
 help:
 	@echo 'make demo        build .venv if needed, then train the tiny GPT example on 2 CPU processes'
 	@echo '                 (python examples/gpt/train.py fit --config configs/gpt-tiny-desloc.yaml)'
 	@echo 'make test        build .venv if needed, then python -m pytest $$ARGS'
 	@echo '                 (make test ARGS="tests/test_schedule.py -q"; no tests collected is a failure)'
+	@echo 'make bench-smoke build .venv if needed, then the benchmark scripts end to end (--smoke), which'
+	@echo '                 make test leaves out (python -m pytest -m bench_smoke; CI runs both)'
 	@echo 'make check-env   build .venv if needed, then import lightning, torch, litdata, torchmetrics, lightning_desloc'
 	@echo 'make env         only build or refresh .venv (python3 -m venv .venv; pip install -e ".[dev]")'
 	@echo 'PYTHON=python3.12 make ...   build .venv with another interpreter (default: python3)'
@@ -57,4 +59,11 @@ test: $(STAMP)
 	@status=0; $(VPY) -m pytest $(ARGS) || status=$$?; \
 	if [ $$status -eq 5 ]; then \
 	  echo "make test: pytest collected no tests (exit 5); that is a failure" >&2; exit 1; fi; \
+	exit $$status
+
+bench-smoke: $(STAMP)
+	$(info $(VPY) -m pytest -m bench_smoke $(ARGS))
+	@status=0; $(VPY) -m pytest -m bench_smoke $(ARGS) || status=$$?; \
+	if [ $$status -eq 5 ]; then \
+	  echo "make bench-smoke: pytest collected no tests (exit 5); that is a failure" >&2; exit 1; fi; \
 	exit $$status

@@ -11,6 +11,7 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.bench_smoke
 def test_checkpoint_bench_smoke(tmp_path):
     out = tmp_path / "raw.json"
     proc = subprocess.run(
@@ -48,6 +49,7 @@ def test_sync_round_smoke(tmp_path):
     assert "DES-LOC parameter round (a K_x step)" in out and "ratio DES-LOC parameter round / (bytes / bandwidth)" in out
 
 
+@pytest.mark.bench_smoke
 def test_time_to_loss_smoke(tmp_path):
     out = _run_smoke("time_to_loss.py", tmp_path)
     assert "| run" in out and "| speed-up vs DDP" in out
@@ -55,6 +57,7 @@ def test_time_to_loss_smoke(tmp_path):
         assert label in out
 
 
+@pytest.mark.bench_smoke
 def test_workers_doubled_smoke(tmp_path):
     out = _run_smoke("workers_doubled.py", tmp_path)
     assert "| scheme" in out and "| resume path" in out
@@ -94,6 +97,7 @@ def test_bytes_smoke(tmp_path):
     assert _table_row(out, "DES-LOC")[-1] == "yes"
 
 
+@pytest.mark.bench_smoke
 def test_overhead_smoke(tmp_path):
     out = _run_bench(tmp_path, "overhead.py", "--start-method", "fork")
     assert "| run" in out and "| ratio baseline/DES-LOC" in out
@@ -110,6 +114,7 @@ def test_rosenbrock_smoke(tmp_path):
     assert _table_row(out, "Local Adam")[5:9] == ["96", "96", "96", "288"]
 
 
+@pytest.mark.bench_smoke
 def test_quality_smoke(tmp_path):
     out = _run_bench(tmp_path, "quality.py", "--schemes", "DDP", "DES-LOC", "DES-LOC bf16", "--seeds", "1",
                      "--out-dir", str(tmp_path / "runs"), timeout=300)
@@ -185,6 +190,7 @@ def test_delayline_smoke(tmp_path):
 
 
 @needs_delay_link
+@pytest.mark.bench_smoke
 def test_overlap_real_link_smoke(tmp_path):
     before = _netns_names()
     out = _run_bench(tmp_path, "overlap.py", "--link", "real", timeout=400)
