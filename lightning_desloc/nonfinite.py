@@ -48,7 +48,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from lightning_desloc.options import Metrics, Round, SyncOption, is_averaged
+from lightning_desloc.options import Metrics, Round, SyncOption, averaged_state_keys
 from lightning_desloc.schedule import SyncPlan
 
 if TYPE_CHECKING:
@@ -95,9 +95,8 @@ def _correction_factor(n_counted: Tensor, world: int, dtype: torch.dtype) -> Ten
 
 
 def _averaged_keys(optimizer: Optimizer) -> tuple[str, ...]:
-    """The optimizer's averaged state keys (per-parameter floating tensors, not counters), sorted."""
-    return tuple(sorted({key for group in optimizer.param_groups for p in group["params"]
-                         for key, value in optimizer.state.get(p, {}).items() if is_averaged(key, value, p)}))
+    """The optimizer's averaged state keys, sorted."""
+    return tuple(sorted(averaged_state_keys(optimizer)))
 
 
 @dataclass(frozen=True)

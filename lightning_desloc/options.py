@@ -134,6 +134,17 @@ class ResetStates(SyncOption):
         return None
 
 
+def optimizer_params(optimizer: Optimizer) -> list[torch.Tensor]:
+    """Every parameter of ``optimizer``, in param-group order."""
+    return [p for group in optimizer.param_groups for p in group["params"]]
+
+
+def averaged_state_keys(optimizer: Optimizer) -> set[str]:
+    """State keys of ``optimizer`` that DES-LOC averages: per-parameter floating tensors, not counters."""
+    return {key for p in optimizer_params(optimizer) for key, value in optimizer.state.get(p, {}).items()
+            if is_averaged(key, value, p)}
+
+
 def is_averaged(key: str, value: Any, param: Optional[torch.Tensor]) -> bool:
     """Whether state ``key`` = ``value`` of ``param`` is averaged: a floating tensor, not a counter, and not
     a scalar unless the parameter itself is one (``param=None``: unknown, so a scalar is not averaged)."""

@@ -71,7 +71,15 @@ from lightning_desloc.config import DeslocConfig
 from lightning_desloc.groups import check_group_keys, within_group_plan
 from lightning_desloc.ledger import CommLedger
 from lightning_desloc.nonfinite import NonfiniteGuard
-from lightning_desloc.options import Metrics, ResetStates, Round, SyncOption, is_averaged
+from lightning_desloc.options import (
+    Metrics,
+    ResetStates,
+    Round,
+    SyncOption,
+    averaged_state_keys,
+    is_averaged,
+    optimizer_params,
+)
 from lightning_desloc.outer import OuterOptimizer
 from lightning_desloc.overlap import BlockingRounds, OverlappedRounds
 from lightning_desloc.schedule import SyncPlan, SyncSchedule, fragment_of
@@ -85,12 +93,6 @@ __all__ = ["SIGNALS", "DeslocSync", "Level", "averaged_state_keys", "is_averaged
 SIGNALS: tuple[str, ...] = ("stop",)
 
 _log = logging.getLogger(__name__)
-
-
-def averaged_state_keys(optimizer: Optimizer) -> set[str]:
-    """State keys of ``optimizer`` that DES-LOC averages: per-parameter floating tensors, not counters."""
-    return {key for p in optimizer_params(optimizer) for key, value in optimizer.state.get(p, {}).items()
-            if is_averaged(key, value, p)}
 
 
 def _check_tensor_state(optimizer: Optimizer) -> None:
@@ -110,11 +112,6 @@ def _check_tensor_state(optimizer: Optimizer) -> None:
 def _holds_tensors(value: Any) -> bool:
     items = value.values() if isinstance(value, dict) else value
     return any(isinstance(v, Tensor) or (isinstance(v, (list, tuple, dict)) and _holds_tensors(v)) for v in items)
-
-
-def optimizer_params(optimizer: Optimizer) -> list[Tensor]:
-    """Every parameter of ``optimizer``, in param-group order."""
-    return [p for group in optimizer.param_groups for p in group["params"]]
 
 
 def gradient_bytes(optimizer: Optimizer) -> int:
