@@ -57,6 +57,10 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+from netns import parse_rate  # noqa: F401  (part of this module's interface)
+from netns import raise_exit as _raise_exit
+from netns import sh as _sh
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 CLONE_NEWNET = 0x40000000
@@ -67,25 +71,6 @@ PR_SET_PDEATHSIG = 1
 READY = "delayline-ready"
 
 _instances = 0
-
-
-# not imported from slowlink: that imports lightning, ~10 s on a loaded machine, and the forwarder needs none of it
-def _sh(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    return subprocess.run(list(args), check=check, capture_output=True, text=True)
-
-
-def _raise_exit(signum: int, frame: Any) -> None:
-    raise SystemExit(128 + signum)
-
-
-def parse_rate(rate: str) -> float:
-    """``tc`` rate string -> bytes per second (``100mbit`` -> 12.5e6), as ``slowlink.parse_rate``."""
-    units = {"kbit": 1e3 / 8, "mbit": 1e6 / 8, "gbit": 1e9 / 8, "bit": 1 / 8, "kbps": 1e3, "mbps": 1e6, "bps": 1}
-    r = rate.lower()
-    for unit, factor in units.items():
-        if r.endswith(unit):
-            return float(r[: -len(unit)]) * factor
-    return float(r) / 8
 
 
 def can_make_delay_link() -> tuple[bool, str]:

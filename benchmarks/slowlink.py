@@ -27,6 +27,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Optional
 
+from netns import parse_rate  # noqa: F401  (part of this module's interface)
+from netns import raise_exit as _raise_exit
+from netns import sh as _sh
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -38,10 +42,6 @@ def can_make_link() -> tuple[bool, str]:
         if shutil.which(tool) is None:
             return False, f"`{tool}` not found"
     return True, ""
-
-
-def _sh(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    return subprocess.run(list(args), check=check, capture_output=True, text=True)
 
 
 class SlowLink:
@@ -124,20 +124,6 @@ class SlowLink:
         self.down()
         for sig, handler in self._old_handlers.items():
             signal.signal(sig, handler)
-
-
-def _raise_exit(signum: int, frame: Any) -> None:
-    raise SystemExit(128 + signum)
-
-
-def parse_rate(rate: str) -> float:
-    """``tc`` rate string -> bytes per second (``100mbit`` -> 12.5e6)."""
-    units = {"kbit": 1e3 / 8, "mbit": 1e6 / 8, "gbit": 1e9 / 8, "bit": 1 / 8, "kbps": 1e3, "mbps": 1e6, "bps": 1}
-    r = rate.lower()
-    for unit, factor in units.items():
-        if r.endswith(unit):
-            return float(r[: -len(unit)]) * factor
-    return float(r) / 8
 
 
 def free_port() -> int:
