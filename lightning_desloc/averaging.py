@@ -240,6 +240,7 @@ def _start_mean(flat: Tensor, numel: int, world: int, group: Optional[Any], keep
 
 def start_average_round(
     tensors_by_category: Mapping[str, Sequence[Tensor]], world: int, group: Optional[Any], bucket_cap_bytes: int,
+    contribution: Optional[Contribution] = None,
 ) -> tuple[dict[str, list[tuple[Tensor, Tensor]]], list[Any], dict[str, int], int]:
     """Start an asynchronous average without touching the tensors (``overlap_steps``): per category and
     bucket, a flat snapshot and the buffer its mean arrives in, the mean there by the time the returned
@@ -252,6 +253,8 @@ def start_average_round(
     and ``wait`` does the float32 sum and a blocking all-gather; its mean arrives in the all-to-all's
     receive buffer, so a bucket holds two buffers of its size in flight either way. Returns the buckets
     ``{category: [(snapshot, mean), ...]}``, the works, bytes per category and the number of collectives.
+    ``contribution`` (``on_nonfinite``): where its flag is False the snapshot is packed (and sent) as zeros,
+    but for its exempt tensors, as in :func:`average_round`.
     """
     buckets: dict[str, list[tuple[Tensor, Tensor]]] = {}
     works: list[Any] = []
@@ -265,7 +268,7 @@ def start_average_round(
         for bucket in kind_buckets(ts, bucket_cap_bytes):
             numel = _numel(bucket)
             with torch.no_grad():
-                mine = _pack(bucket, world)
+                mine = _pack(bucket, world, contribution)
             work = _start_mean(mine, numel, world, group, keep_flat=True)
             works.append(work)
             calls += work.calls

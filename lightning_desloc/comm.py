@@ -118,12 +118,14 @@ class Comm:
         self.ledger.record(sent, calls)
 
     def start_average(self, tensors_by_category: Mapping[str, Sequence[Tensor]], *,
-                      bucket_cap_bytes: int = DEFAULT_BUCKET_CAP_BYTES) -> tuple[dict[str, list[tuple[Tensor, Tensor]]], list[Any]]:
+                      bucket_cap_bytes: int = DEFAULT_BUCKET_CAP_BYTES,
+                      contribution: Optional[Contribution] = None) -> tuple[dict[str, list[tuple[Tensor, Tensor]]], list[Any]]:
         """Start averaging ``tensors_by_category`` asynchronously, leaving them untouched (see
         :func:`~lightning_desloc.averaging.start_average_round`): ``(buckets, works)``; the bytes are
-        recorded now, as the round is issued."""
+        recorded now, as the round is issued. ``contribution``: as in :meth:`average_` (the snapshot of a
+        rank whose flag is False holds zeros)."""
         buckets, works, sent, calls = start_average_round(tensors_by_category, self.world_size, self.group,
-                                                          bucket_cap_bytes)
+                                                          bucket_cap_bytes, contribution)
         if works:
             self.ledger.record(sent, calls)
         return buckets, works

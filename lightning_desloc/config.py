@@ -247,8 +247,7 @@ class DeslocConfig:
         if mode not in NONFINITE_MODES:
             raise ValueError(f"on_nonfinite must be None, 'heal' or 'raise', got {mode!r}; e.g. on_nonfinite='heal' "
                              "averages over the finite ranks and goes on, 'raise' stops every rank with an error")
-        others = {"compression": bool(self.compression), "overlap_steps": self.overlap_steps != 0,
-                  "outer_lr": self.outer is not None,
+        others = {"compression": bool(self.compression), "outer_lr": self.outer is not None,
                   "max_drift": self.drift is not None, "param_sync_every='auto'": self.is_auto,
                   "state_policy='reset'": self.state_policy == "reset",
                   "ddp_warmup_steps": self.ddp_warmup_steps != 0, "group_size": self.hierarchy is not None}
@@ -258,7 +257,7 @@ class DeslocConfig:
         if clash:
             raise ValueError(
                 f"on_nonfinite={mode!r} cannot be combined with {', '.join(clash)} yet (the guard leaves a rank out of "
-                "exact, blocking rounds of one level only, of the whole model or of fragments). Remove them, or use "
+                "exact rounds of one level only, of the whole model or of fragments, blocking or overlapped). Remove them, or use "
                 "on_nonfinite=None.")
 
     def _check_fragments(self) -> None:
@@ -475,7 +474,11 @@ ARGUMENT_DOCS: dict[str, str] = {
         round, then every rank raises ``FloatingPointError`` at the next optimizer step. Each rank's flag
         rides on the round (4 bytes per rank, category ``control``): no extra collective, no host
         synchronisation. With ``fragments`` each fragment's round checks what it carries, and a healed
-        rank gets one full round as above. Not yet with compression, ``overlap_steps``, ``outer_lr``,
+        rank gets one full round as above. With ``overlap_steps=tau`` the flags are computed when the round
+        starts and read once it has landed (after step ``s + tau``, one step later at the latest): the
+        finite ranks keep their own progress since ``s`` on top of the finite ranks' mean, a bad rank
+        takes that mean alone, and "heal"'s full round is the next round, overlapped too. Not yet with
+        compression, ``outer_lr``,
         ``max_drift``, ``"auto"``, ``ddp_warmup_steps``, ``group_size`` or ``state_policy="reset"`` (nor
         ``"keep_local"`` with ``"heal"``). See ``docs/checkpointing.md``, "A rank that goes non-finite".""",
     "allow_consensus_fallback": """on resume, a truncated, corrupt or foreign per-rank shard raises

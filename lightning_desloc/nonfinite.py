@@ -31,6 +31,19 @@ step. For a round of ``M`` ranks that carries the tensors ``T`` (every due categ
    With no finite rank (``n = 0``) the round leaves NaN everywhere, as without the guard, and both modes
    raise.
 
+With ``overlap_steps=tau`` (:class:`~lightning_desloc.overlap.OverlappedRounds`) the round started after
+step ``s`` lands after step ``s + tau``. Steps 1-3 happen when it starts (the flag is over the snapshot
+``T_s``; a bad rank's snapshot and contribution are zeros). At landing, step 4 rescales the landed means
+``mean_m(c_m t_m)`` by ``M / n`` first, so they are the finite ranks' mean ``g``; then the delayed rule
+applies with ``g``: a rank with ``c_m = 1`` takes ``x <- g(x_s) + (x_{s+tau} - x_s)`` and
+``k <- d * g(k_s) + (k_{s+tau} - d * k_s)`` as without the guard, a rank with ``c_m = 0`` takes
+``x <- g(x_s)`` and ``k <- d * g(k_s)`` (its own progress since ``s`` is not finite; ``torch.where`` on its
+0-dim device flag kept from the start, no host read). Step 5 happens where the signals are read after the
+landing: at step ``s + tau + 1``, or at ``s + tau`` itself when a round starts there; "heal"'s full round
+is then the round of step ``s + tau + 1``, overlapped like any other (it lands after step
+``s + 2 tau + 1``, by the same rules). A healthy overlapped round is bit for bit the unguarded one (the
+control tensor is a bucket of its own there).
+
 Costs per guarded round: a read pass over the due tensors (the finiteness check), a masked fill of each
 packed bucket (in place, no extra buffer), a multiply pass over the due tensors (the correction), and
 ``4 M`` control bytes (float32 slots) besides the ``4 * len(SIGNALS)`` the round always carries.
@@ -135,6 +148,8 @@ class NonfiniteGuard(SyncOption):
         self._core: Optional["DeslocSync"] = None
         self._optimizers: list[Optimizer] = []
         self._last: Optional[_GuardedRound] = None
+        #: the guarded rounds started and not landed yet, oldest first (more than one with overlap_steps)
+        self._started: list[_GuardedRound] = []
         self._keys: dict[int, tuple[str, ...]] = {}
 
     def attach(self, core: "DeslocSync", optimizers: Sequence[Optimizer]) -> None:
@@ -154,13 +169,15 @@ class NonfiniteGuard(SyncOption):
         if index not in self._keys:  # the state keys exist from the first step on and do not change
             self._keys[index] = _averaged_keys(optimizer)
         everything = plan.whole_model and plan.params and set(self._keys[index]) <= set(plan.states)
-        self._last = _GuardedRound(index, plan.step, tuple(cat for cat, ts in due.items() if ts), everything)
+        self._started.append(_GuardedRound(index, plan.step, tuple(cat for cat, ts in due.items() if ts), everything))
         counts = all_finite([t for ts in due.values() for t in ts], slots.device)
         rank = self._core.comm.rank if self._core is not None else 0
         slots[rank].copy_(counts)  # a device copy of the flag: 1.0 or 0.0, no host read
         return counts
 
     def round_landed(self, due: dict[str, list[Tensor]], slots: Tensor) -> None:
+        # rounds land in the order they started (at once, or overlap_steps later)
+        self._last = self._started.pop(0) if self._started else _GuardedRound(0, -1, (), False)
         world = slots.numel()
         # slot j holds c_j / M: M * slot_j is 0 or 1 up to rounding, so round it before summing
         n_counted = torch.round(slots * world).sum()
@@ -215,9 +232,12 @@ class NonfiniteGuard(SyncOption):
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
-        return {"healed_ranks": self.healed_ranks, "pending_full_rounds": sorted(self.pending_full_rounds)}
+        return {"healed_ranks": self.healed_ranks, "pending_full_rounds": sorted(self.pending_full_rounds),
+                "in_flight": [[r.index, r.step, list(r.categories), r.carried_everything] for r in self._started]}
 
     def load_state_dict(self, state: Optional[dict[str, Any]], device: Optional[torch.device] = None) -> None:
         state = state or {}
         self.healed_ranks = int(state.get("healed_ranks", 0))
         self.pending_full_rounds = {int(i) for i in state.get("pending_full_rounds", [])}
+        self._started = [_GuardedRound(int(i), int(step), tuple(cats), bool(every))
+                         for i, step, cats, every in state.get("in_flight", [])]

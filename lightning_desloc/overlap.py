@@ -23,6 +23,15 @@ so the step never branches on the variant:
   file, consensus validation and the end of training hold) does not depend on whether a round is
   still in flight.
 
+With ``on_nonfinite`` each rank's flag ``c_m`` (whether what the round carries is finite at step ``s``)
+is computed on the device when the round starts; a rank with ``c_m = 0`` sends (and keeps as its
+snapshot) zeros, and the flags ride on the round's control tensor. At landing the means are first
+rescaled by ``M / n`` (``n`` the finite ranks: the mean of the finite ranks, exactly the unguarded mean
+when ``n = M``), then the rules above apply on a rank with ``c_m = 1``; a rank with ``c_m = 0`` (whose
+progress since ``s`` is not finite) takes the mean alone: ``x <- mean_good(x_s)``,
+``k <- d * mean_good(k_s)`` (clamped at 0 for a second moment), selected with ``torch.where`` on its own
+0-dim device flag kept from the start (:class:`~lightning_desloc.nonfinite.NonfiniteGuard`).
+
 While a round is in flight each rank holds two flat copies of what it carries (the sent snapshot and
 the buffer the result arrives in): 2x the round's payload. On CUDA the all-reduce runs on the process
 group's own stream (``async_op=True``) and ``wait()`` only orders the current stream after it: no host
@@ -45,6 +54,9 @@ from lightning_desloc.schedule import SECOND_MOMENT_KEYS, SyncPlan
 
 #: the tensors a plan of optimizer ``index`` averages, by ledger category (the core's ``_due_tensors``)
 DueTensors = Callable[[int, SyncPlan], dict[str, list[Tensor]]]
+
+#: ``on_landed(means by category, control mean)``: a round's means have arrived, before they are applied
+OnLanded = Callable[[dict[str, list[Tensor]], Tensor], None]
 
 #: state key -> the hyper-parameter of its decay: (name in the param group, index into it or None)
 _DECAY_OF: dict[str, tuple[str, Optional[int]]] = {
@@ -76,6 +88,9 @@ class PendingRound:
     #: category -> per bucket: this rank's snapshot (flat) and the buffer the mean arrives in
     buckets: dict[str, list[tuple[Tensor, Tensor]]] = field(default_factory=dict)
     works: list[Any] = field(default_factory=list)
+    #: ``on_nonfinite``: a 0-dim bool device tensor, True where this rank's values did not count (its
+    #: snapshot holds zeros and it takes the mean alone at landing); ``None`` without the guard
+    drop: Optional[Tensor] = None
 
     def wait(self) -> None:
         for work in self.works:
@@ -93,8 +108,9 @@ class BlockingRounds:
 
     def average(self, comm: Any, tensors: Mapping[str, Sequence[Tensor]], *, index: int, plan: SyncPlan,
                 bucket_cap_bytes: int, on_control: Callable[[Tensor], None], compression: Any = None,
-                contribution: Any = None) -> None:
-        """Average ``tensors`` now (``contribution``: whether this rank's values count, ``on_nonfinite``)."""
+                contribution: Any = None, on_landed: Optional[OnLanded] = None) -> None:
+        """Average ``tensors`` now (``contribution``: whether this rank's values count, ``on_nonfinite``);
+        ``on_landed(means by category, control mean)`` once the means are in (here: in ``tensors``)."""
         if contribution is None:  # the keyword only reaches the comm when set: a comm without it still works
             comm.average_(tensors, bucket_cap_bytes=bucket_cap_bytes, compression=compression)
         else:
@@ -102,9 +118,12 @@ class BlockingRounds:
                           contribution=contribution)
         if tensors.get("control"):
             on_control(tensors["control"][0])
+            if on_landed is not None:
+                on_landed({cat: list(ts) for cat, ts in tensors.items() if cat != "control"}, tensors["control"][0])
 
     def apply_due(self, index: int, step: int, optimizer: Optimizer, due_tensors: DueTensors,
-                  on_control: Callable[[Tensor], None], everything: bool = False) -> bool:
+                  on_control: Callable[[Tensor], None], everything: bool = False,
+                  on_landed: Optional[OnLanded] = None) -> bool:
         """Apply the rounds of optimizer ``index`` due after its step ``step`` (all of them with
         ``everything``); whether one was applied."""
         return False
@@ -135,26 +154,32 @@ class OverlappedRounds(BlockingRounds):
 
     def average(self, comm: Any, tensors: Mapping[str, Sequence[Tensor]], *, index: int, plan: SyncPlan,
                 bucket_cap_bytes: int, on_control: Callable[[Tensor], None], compression: Any = None,
-                contribution: Any = None) -> None:
-        if contribution is not None:  # DeslocConfig rejects on_nonfinite with overlap_steps
-            raise ValueError("on_nonfinite cannot be combined with overlap_steps yet")
+                contribution: Any = None, on_landed: Optional[OnLanded] = None) -> None:
         tensors = {cat: list(ts) for cat, ts in tensors.items() if ts}
         if not tensors:
             return
         if not comm.distributed:  # one process: every mean is this rank's own value, nothing changes
             if tensors.get("control"):
                 on_control(tensors["control"][0])
+                if on_landed is not None:  # the guard's correction (M / n = 1 / c_0) and its bookkeeping
+                    on_landed({cat: ts for cat, ts in tensors.items() if cat != "control"}, tensors["control"][0])
             return
         pending = PendingRound(index, plan, plan.step + self.overlap_steps)
-        pending.buckets, pending.works = comm.start_average(tensors, bucket_cap_bytes=bucket_cap_bytes)
+        if contribution is None:  # the keyword only reaches the comm when set: a comm without it still works
+            pending.buckets, pending.works = comm.start_average(tensors, bucket_cap_bytes=bucket_cap_bytes)
+        else:
+            pending.buckets, pending.works = comm.start_average(tensors, bucket_cap_bytes=bucket_cap_bytes,
+                                                                contribution=contribution)
+            pending.drop = contribution.drop
         self.pending.append(pending)
 
     def apply_due(self, index: int, step: int, optimizer: Optimizer, due_tensors: DueTensors,
-                  on_control: Callable[[Tensor], None], everything: bool = False) -> bool:
+                  on_control: Callable[[Tensor], None], everything: bool = False,
+                  on_landed: Optional[OnLanded] = None) -> bool:
         due = [p for p in self.pending if p.index == index and (everything or p.apply_at <= step)]
         for pending in due:
             pending.wait()
-            _apply(pending, optimizer, due_tensors(index, pending.plan), self.overlap_steps, on_control)
+            _apply(pending, optimizer, due_tensors(index, pending.plan), self.overlap_steps, on_control, on_landed)
             self.pending.remove(pending)
         return bool(due)
 
@@ -173,7 +198,8 @@ class OverlappedRounds(BlockingRounds):
         return [{"index": p.index, "plan": [p.plan.step, p.plan.params, list(p.plan.states), p.plan.reset_states],
                  "parts": [[f, params, list(states)] for f, params, states in p.plan.parts],
                  "apply_at": p.apply_at,
-                 "buckets": {cat: [[mine, mean] for mine, mean in b] for cat, b in p.buckets.items()}}
+                 "buckets": {cat: [[mine, mean] for mine, mean in b] for cat, b in p.buckets.items()},
+                 **({"drop": p.drop} if p.drop is not None else {})}
                 for p in self.pending]
 
     def load_state_dict(self, state: Any, device: Optional[torch.device] = None) -> None:
@@ -186,16 +212,27 @@ class OverlappedRounds(BlockingRounds):
             buckets = {cat: [(mine.to(device) if device is not None else mine,
                               mean.to(device) if device is not None else mean) for mine, mean in b]
                        for cat, b in entry["buckets"].items()}
-            self.pending.append(PendingRound(int(entry["index"]), plan, int(entry["apply_at"]), buckets))
+            drop = entry.get("drop")
+            if drop is not None and device is not None:
+                drop = drop.to(device)
+            self.pending.append(PendingRound(int(entry["index"]), plan, int(entry["apply_at"]), buckets, drop=drop))
 
 
 def _apply(pending: PendingRound, optimizer: Optimizer, tensors: Mapping[str, Sequence[Tensor]], tau: int,
-           on_control: Callable[[Tensor], None]) -> None:
-    """The rules of the module docstring, bucket by bucket, on the live ``tensors`` of the round's plan."""
+           on_control: Callable[[Tensor], None], on_landed: Optional[OnLanded] = None) -> None:
+    """The rules of the module docstring, bucket by bucket, on the live ``tensors`` of the round's plan:
+    first the control values arrive and ``on_landed`` sees the means (``on_nonfinite`` rescales them to
+    the finite ranks' mean, in place), then each bucket is applied; a rank whose ``drop`` flag is set
+    takes ``decay * mean`` alone (``torch.where`` on the device flag: no host read)."""
     with torch.no_grad():
+        control = pending.buckets.get("control")
+        if control:
+            on_control(control[0][1])
+            if on_landed is not None:
+                on_landed({cat: [mean for _, mean in b] for cat, b in pending.buckets.items() if cat != "control"},
+                          control[0][1])
         for cat, buckets in pending.buckets.items():
             if cat == "control":
-                on_control(buckets[0][1])
                 continue
             key = cat[len("state/"):] if cat.startswith("state/") else None
             beta = state_decay(optimizer, key) if key is not None else None
@@ -203,6 +240,9 @@ def _apply(pending: PendingRound, optimizer: Optimizer, tensors: Mapping[str, Se
             for live, (mine, mean) in zip(_match(tensors[cat], buckets), buckets):
                 now = torch.cat([t.detach().reshape(-1) for t in live])
                 new = now.add_(mean.to(now.dtype), alpha=decay).sub_(mine.to(now.dtype), alpha=decay)
+                if pending.drop is not None:  # a rank left out: its progress since the snapshot is not finite
+                    drop = pending.drop if pending.drop.device == new.device else pending.drop.to(new.device)
+                    new = torch.where(drop, mean.to(new.dtype) * decay, new)
                 if key in SECOND_MOMENT_KEYS:
                     new.clamp_(min=0)
                 unflatten_into(new, live)

@@ -482,6 +482,8 @@ class DeslocSync:
         return Contribution(flags[0] if len(flags) == 1 else torch.stack(flags).all(), exempt=[control])
 
     def _round_landed(self, due: dict[str, list[Tensor]], control: Tensor) -> None:
+        """A round's means have arrived (blocking: in ``due``'s tensors; ``overlap_steps``: in its flat
+        mean buffers, before the delayed rule applies them) with ``control``, the mean control tensor."""
         for option, where in self._control_slices:
             option.round_landed(due, control[where])
 
@@ -565,7 +567,8 @@ class DeslocSync:
         self._states_in_sync[index] = set()
         local_step = step - warmup  # DES-LOC's schedule counts from the end of the warm-up
         # a round started overlap_steps ago lands now (never with overlap_steps=0)
-        self.rounds.apply_due(index, local_step, optimizer, self._due_tensors_of, self._signals_arrived)
+        self.rounds.apply_due(index, local_step, optimizer, self._due_tensors_of, self._signals_arrived,
+                              on_landed=self._round_landed)
         # 2. what each level's schedule has due
         plans = [level.due(local_step, keys) for level in self.levels]
         # 3. the options adjust the outermost plan (an early average, the auto warm-up's timing)
@@ -624,8 +627,8 @@ class DeslocSync:
         contribution = self._before_round(carried, optimizer, due, signals)  # on_nonfinite: this rank's flag
         self.rounds.average(outer.comm, {**due, "control": [signals]},
                             index=self.index_of(optimizer) or 0, plan=carried, bucket_cap_bytes=self.bucket_cap_bytes,
-                            on_control=self._signals_arrived, compression=self._wire, contribution=contribution)
-        self._round_landed(due, signals)  # on_nonfinite: the mean of the counted ranks
+                            on_control=self._signals_arrived, compression=self._wire, contribution=contribution,
+                            on_landed=self._round_landed)  # on_nonfinite: the mean of the counted ranks, at landing
         for level in self.levels[:-1]:  # an inner level without a round now still has to hear them
             if level.last_plan is None and level.comm is not None:
                 level.comm.average_({"control": [signals]})
@@ -658,7 +661,7 @@ class DeslocSync:
     def _apply_all_rounds(self) -> None:
         for index, optimizer in enumerate(self.optimizers):
             self.rounds.apply_due(index, self.optimizer_steps[index] - self.config.ddp_warmup_steps, optimizer, self._due_tensors_of,
-                                  self._signals_arrived, everything=True)
+                                  self._signals_arrived, everything=True, on_landed=self._round_landed)
 
     def _due_tensors(self, optimizer: Optimizer, plan: SyncPlan, with_buffers: bool) -> dict[str, list[Tensor]]:
         """The tensors ``plan`` says are due, by ledger category; this is where each state is averaged.

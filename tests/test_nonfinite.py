@@ -68,6 +68,49 @@ def simulate(cfg: ref.Config, n_calls: int, workers: int, mode) -> list[list[dic
     return history
 
 
+def simulate_overlapped_heal(cfg: ref.Config, n_calls: int, workers: int, tau: int) -> list[list[dict]]:
+    """:func:`simulate` with ``on_nonfinite="heal"`` and ``overlap_steps=tau``, from the equations alone:
+    the round due after step ``s`` flags each worker on its values at ``s`` (the snapshot) and lands right
+    after step ``s + tau``: with ``g`` the mean of the finite workers' snapshots and ``d = beta ** tau``
+    (1 for the parameters), a finite worker takes ``d g + (now - d snapshot)``, a non-finite one ``d g``
+    (``exp_avg_sq`` clamped at 0). When a landed round left a worker out and did not carry everything,
+    the round of step ``s + tau + 1`` carries the parameters and every state (itself overlapped)."""
+    team = [ref.Worker(params=[p.clone() for p in ref.start_params(0, cfg.seed)]) for _ in range(workers)]
+    history = [[w.snapshot() for w in team]]
+    everything = [(what, i) for what in ALL for i in range(len(team[0].params))]
+    decay = {"params": 1.0, "exp_avg": cfg.betas[0] ** tau, "exp_avg_sq": cfg.betas[1] ** tau}
+    in_flight: list[tuple[int, list, list[dict], list[bool]]] = []  # (lands after, due, snapshots, finite)
+    full_round_next = False
+
+    def values(w, what):
+        return w.params if what == "params" else w.state[what]
+
+    for s in range(1, n_calls + 1):
+        for m, w in enumerate(team):
+            ref.adam_update(cfg, w, ref.gradient(cfg, w.params, m, s - 1), cfg.lr_at(s))
+        full_now, full_round_next = full_round_next, False  # read before this step's landing
+        for landing in [r for r in in_flight if r[0] == s]:
+            _, due, snaps, ok = landing
+            for what, i in due:
+                g = torch.stack([snap[(what, i)] for snap, good in zip(snaps, ok) if good]).mean(dim=0)
+                d = decay[what]
+                for w, snap, good in zip(team, snaps, ok):
+                    new = d * g + (values(w, what)[i] - d * snap[(what, i)]) if good else d * g
+                    values(w, what)[i] = new.clamp(min=0) if what == "exp_avg_sq" else new
+            if not all(ok) and set(due) != set(everything):
+                full_round_next = True  # read at the next step, whose round is the full one
+            in_flight.remove(landing)
+        due = [(what, i) for what, positions in ref.due_items(cfg, s) for i in positions]
+        if full_now:
+            due = everything
+        if due:
+            snaps = [{item: values(w, item[0])[item[1]].clone() for item in due} for w in team]
+            ok = [all(bool(torch.isfinite(t).all()) for t in snap.values()) for snap in snaps]
+            in_flight.append((s + tau, due, snaps, ok))
+        history.append([w.snapshot() for w in team])
+    return history
+
+
 def assert_matches(got: dict, want: dict, where: str) -> None:
     torch.testing.assert_close(got["params"], want["params"], **NAN_TOL, msg=lambda m: f"{where}, params: {m}")
     for key in want["state"]:
@@ -80,13 +123,14 @@ def finite(snapshot: dict) -> bool:
 
 
 # --------------------------------------------------------------------------- the core on real gloo processes
-def _train_core(rank: int, cfg: ref.Config, n_calls: int, mode, comm=None) -> dict:
+def _train_core(rank: int, cfg: ref.Config, n_calls: int, mode, comm=None, overlap: int = 0) -> dict:
     """One rank: the reference model as plain leaf tensors, torch's Adam, the core over the world group
     (or ``comm``: a thread of the fake)."""
     params = [p.clone().requires_grad_(True) for p in ref.start_params(0, cfg.seed)]
     opt = torch.optim.Adam(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
     core = DeslocSync(DeslocConfig(param_sync_every=cfg.param_sync_every, state_sync_every=cfg.state_sync_every,
-                                   fragments=cfg.fragments, on_nonfinite=mode), comm=comm if comm is not None else Comm())
+                                   fragments=cfg.fragments, on_nonfinite=mode, overlap_steps=overlap),
+                     comm=comm if comm is not None else Comm())
     core.attach([opt])
     history = [{"params": [p.detach().clone() for p in params], "state": {}}]
     messages: list[str] = []
@@ -189,6 +233,54 @@ def test_heal_with_fragments_checks_what_each_fragment_round_carries_then_runs_a
         assert torch.isfinite(run["fragments-raise"]["history"][8]["params"][0]).all()
 
 
+OVERLAP_CALLS = {1: 14, 2: 18}  # tau = 1: rounds after 4, 8 (rank 2 left out, lands after 9), 10 (full), 12
+
+
+def _three_ranks_overlapped(rank: int, world: int, out: str) -> None:
+    runs = {(tau, mode): _train_core(rank, POISONED, OVERLAP_CALLS[tau], mode, overlap=tau)
+            for tau, mode in ((1, "heal"), (1, "raise"), (2, "heal"))}
+    torch.save(runs, f"{out}/rank{rank}.pt")
+
+
+@pytest.fixture(scope="module")
+def three_ranks_overlapped(tmp_path_factory):
+    out = tmp_path_factory.mktemp("nonfinite3overlap")
+    run_on_processes(_three_ranks_overlapped, 3, str(out))
+    return [torch.load(out / f"rank{r}.pt") for r in range(3)]
+
+
+@pytest.mark.parametrize("tau", [1, 2])
+def test_overlapped_heal_matches_the_delayed_simulation_after_every_step(three_ranks_overlapped, tau):
+    n_calls = OVERLAP_CALLS[tau]
+    want = simulate_overlapped_heal(POISONED, n_calls, 3, tau)
+    assert not finite(want[8 + tau][2]) and not finite(want[8][2])  # rank 2's states are NaN after the landing
+    for r, run in enumerate(three_ranks_overlapped):
+        got = run[(tau, "heal")]["history"]
+        assert run[(tau, "heal")]["raised"] is None and len(got) == n_calls + 1
+        for call in range(1, n_calls + 1):
+            assert_matches(got[call], want[call][r], f"tau {tau}, rank {r} after step {call}")
+        assert finite(got[n_calls]), f"rank {r} not healed"
+        # the landing left rank 2 out: its parameters are the finite ranks' mean of the snapshot (step 8)
+        assert torch.isfinite(got[8 + tau]["params"][0]).all()
+    if tau == 1:
+        messages = three_ranks_overlapped[0][(1, "heal")]["messages"]
+        assert len(messages) == 2 and all("rank(s) [2] of 3" in m for m in messages)
+        assert "after optimizer step 8" in messages[0] and "once more" in messages[0]
+        assert "after optimizer step 10" in messages[1] and "they are healed" in messages[1]
+        assert three_ranks_overlapped[1][(1, "heal")]["messages"] == []
+        # rounds: 4, 8 (parameters), 10 (the full round, read at the top of step 10), 12 (parameters, exp_avg)
+        assert three_ranks_overlapped[0][(1, "heal")]["rounds"] == \
+            {"params": 4, "state/exp_avg": 2, "state/exp_avg_sq": 1, "control": 4}
+
+
+def test_overlapped_raise_stops_every_rank_at_the_same_step(three_ranks_overlapped):
+    for r, run in enumerate(three_ranks_overlapped):
+        step, message = run[(1, "raise")]["raised"]
+        assert step == 10, f"rank {r} raised after step {step}"  # lands after 9, read at the top of 10
+        assert "rank(s) [2] of 3" in message and "after optimizer step 8" in message
+        assert torch.isfinite(run[(1, "raise")]["history"][9]["params"][0]).all()  # left out at the landing
+
+
 def test_the_default_lets_a_nan_reach_every_rank(three_ranks):
     want = simulate(POISONED, N_CALLS, 3, None)
     for r, run in enumerate(three_ranks):
@@ -225,15 +317,17 @@ def test_a_healthy_run_is_bit_identical_and_the_flags_cost_4_bytes_per_rank_per_
                {k: v for k, v in plain["bytes"].items() if k != "control"}
 
 
-def _two_ranks_float32(rank: int, world: int, out: str) -> None:
+def _two_ranks_float32(rank: int, world: int, out: str, overlap: int = 0) -> None:
     """A float32 MLP: its parameters share the float32 bucket with the control tensor (which the guard
-    lengthens by one float per rank); with two ranks each element's sum is a + b in any order."""
+    lengthens by one float per rank); with two ranks each element's sum is a + b in any order.
+    ``overlap``: ``overlap_steps`` (the control tensor is then a bucket of its own)."""
     runs = {}
     for mode in (None, "heal"):
         torch.manual_seed(0)
         net = torch.nn.Sequential(torch.nn.Linear(16, 24), torch.nn.Tanh(), torch.nn.Linear(24, 4))
         opt = torch.optim.Adam(net.parameters(), lr=1e-2)
-        core = DeslocSync(DeslocConfig(param_sync_every=2, state_sync_every=4, on_nonfinite=mode), comm=Comm())
+        core = DeslocSync(DeslocConfig(param_sync_every=2, state_sync_every=4, on_nonfinite=mode,
+                                       overlap_steps=overlap), comm=Comm())
         core.attach([opt])
         g = torch.Generator().manual_seed(rank)
         history = []
@@ -244,7 +338,8 @@ def _two_ranks_float32(rank: int, world: int, out: str) -> None:
             opt.step()
             core.after_step(index, opt)
             opt.zero_grad()
-            history.append([p.detach().clone() for p in net.parameters()])
+            history.append([p.detach().clone() for p in net.parameters()]
+                           + [t.clone() for p in net.parameters() for t in opt.state[p].values() if t.dim()])
         runs[mode] = {"history": history, "bytes": dict(core.ledger.bytes)}
     torch.save(runs, f"{out}/rank{rank}.pt")
 
@@ -256,6 +351,15 @@ def test_a_healthy_float32_run_sharing_the_control_bucket_is_bit_identical(tmp_p
         for step, (a, b) in enumerate(zip(runs["heal"]["history"], runs[None]["history"]), start=1):
             assert all(torch.equal(x, y) for x, y in zip(a, b)), f"rank {r} after step {step}"
         assert runs[None]["bytes"]["control"] == 4 * len(SIGNALS) * FLOAT32  # rounds at steps 2, 4, 6, 8
+        assert runs["heal"]["bytes"]["control"] == 4 * (len(SIGNALS) + 2) * FLOAT32
+
+
+def test_a_healthy_overlapped_run_with_the_guard_is_bit_identical(tmp_path):
+    run_on_processes(_two_ranks_float32, 2, str(tmp_path), 1)
+    for r in range(2):
+        runs = torch.load(tmp_path / f"rank{r}.pt")
+        for step, (a, b) in enumerate(zip(runs["heal"]["history"], runs[None]["history"]), start=1):
+            assert len(a) == len(b) > 4 and all(torch.equal(x, y) for x, y in zip(a, b)), f"rank {r} after step {step}"
         assert runs["heal"]["bytes"]["control"] == 4 * (len(SIGNALS) + 2) * FLOAT32
 
 
@@ -422,7 +526,6 @@ def test_trainer_raise_ends_every_rank_with_floating_point_error(tmp_path):
 # --------------------------------------------------------------------------- configuration
 @pytest.mark.parametrize("others, named", [
     (dict(compression="bf16"), "compression"),
-    (dict(overlap_steps=1), "overlap_steps"),
     (dict(outer_lr=0.7), "outer_lr"),
     (dict(max_drift=0.1), "max_drift"),
     (dict(param_sync_every="auto", state_sync_every=None), "param_sync_every='auto'"),
