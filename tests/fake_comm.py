@@ -112,16 +112,20 @@ class FakeComm:
                     offset += t.numel()
         self.ledger.record(dict(sent))
 
-    def start_average(self, tensors_by_category, *, bucket_cap_bytes: int = 0):
+    def start_average(self, tensors_by_category, *, bucket_cap_bytes: int = 0, contribution=None):
         """The overlapped round: the means arrive at once here (a thread exchange), which is one of the
-        timings a real asynchronous round may have. One flat per category and dtype."""
+        timings a real asynchronous round may have. One flat per category and dtype. ``contribution``: as
+        in :meth:`average_` (a rank whose flag is False hands over zeros, and keeps them as its snapshot)."""
         cats = [c for c, ts in tensors_by_category.items() if ts]
         self.calls.append(("start_average", tuple(cats)))
         mine = {}
         for cat in cats:
             by_kind = defaultdict(list)
             for t in tensors_by_category[cat]:
-                by_kind[(t.dtype, t.device)].append(t.detach().reshape(-1).clone())
+                flat = t.detach().reshape(-1).clone()
+                if contribution is not None and id(t) not in contribution.exempt:
+                    flat = torch.where(contribution.drop, torch.zeros_like(flat), flat)
+                by_kind[(t.dtype, t.device)].append(flat)
             mine[cat] = [torch.cat(ts) for ts in by_kind.values()]
         everyone = self.group.exchange(self.member, mine)
         buckets = {}
