@@ -21,7 +21,12 @@ below the target. Speed-ups are ratios of those times, all from this one invocat
 target are the strategy's ledger (rank 0) at that validation without the setup broadcast, which DDP pays
 too; for DDP one gradient per step (``common.bytes_sent_by_step``).
 
+``--link delay`` runs every node pair over ``delayline.DelayLink`` instead (tun devices and a userspace
+delay line: ``--rate`` and ``--latency-ms`` one way, default 25 ms); ``--overlap-steps TAU`` adds, for each
+numeric ``--k``, a DES-LOC run with ``overlap_steps=TAU`` (``k-1``: K - 1) next to the blocking one.
+
     sudo python benchmarks/time_to_loss.py                 # ~8.5 minutes
+    sudo python benchmarks/time_to_loss.py --link delay --latency-ms 25 --k 8 --overlap-steps k-1
     python benchmarks/time_to_loss.py --smoke              # tiny model and corpus, seconds
 """
 
@@ -41,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import markdown_table  # noqa: E402
 from gptrun import REPO, SMOKE_DATA_BYTES, SMOKE_MODEL, SMOKE_VAL_EVERY, Metrics, dump, ensure_data, gpt_argv, read_metrics  # noqa: E402
 from slowlink import SlowLink, can_make_link, run_two_nodes  # noqa: E402
+from delayline import DelayLink, can_make_delay_link  # noqa: E402
 
 
 def time_to(metrics: Metrics, target: float) -> Optional[tuple[int, float]]:
@@ -99,6 +105,12 @@ def main() -> int:
                     help="AdamW betas of every run (default: the config's 0.9 0.95)")
     ap.add_argument("--seed", type=int, default=None, help="--seed_everything of every run (default: the configs' 1234)")
     ap.add_argument("--rate", default="100mbit")
+    ap.add_argument("--link", choices=["tbf", "delay"], default="tbf",
+                    help="tbf: veth + tc tbf (no latency); delay: tun devices + delayline.DelayLink (--latency-ms)")
+    ap.add_argument("--latency-ms", type=float, default=25.0, help="with --link delay: one-way delay")
+    ap.add_argument("--overlap-steps", nargs="+", default=[],
+                    help="for each numeric --k, also DES-LOC with overlap_steps=TAU ('k-1': K - 1)")
+    ap.add_argument("--no-local-adam", action="store_true", help="skip the Local Adam runs")
     ap.add_argument("--loopback", action="store_true", help="no namespaces: both nodes on 127.0.0.1")
     ap.add_argument("--out", default="runs/slow-link/time-to-loss", help="CSV logs (one directory per run)")
     ap.add_argument("--png", default="docs/slow-link-time-to-loss.png")
@@ -129,7 +141,7 @@ def main() -> int:
             ensure_data(args.data_dir, SMOKE_DATA_BYTES, val_every=SMOKE_VAL_EVERY)
         else:
             ensure_data(args.data_dir, 4_000_000)
-        ok, why = can_make_link()
+        ok, why = can_make_delay_link() if args.link == "delay" else can_make_link()
         use_link = ok and not args.loopback
         if not use_link:
             print(f"NOTE: no network namespaces ({why or '--loopback'}): both nodes on loopback, no rate limit; "
@@ -155,11 +167,20 @@ def main() -> int:
             if stop_below is not None:
                 run_env["SLOWLINK_STOP_BELOW"] = repr(stop_below)
             logs = [out / name / "node0.log", out / name / "node1.log"]
-            link = SlowLink(rate=args.rate) if use_link else None
+            if not use_link:
+                link = None
+            elif args.link == "delay":
+                link = DelayLink(rate=args.rate, delay_ms=args.latency_ms)
+            else:
+                link = SlowLink(rate=args.rate)
             start = time.perf_counter()
             if link is not None:
                 with link:
                     codes = run_two_nodes(argv, link, logs, args.timeout, extra_env=run_env)
+                if isinstance(link, DelayLink) and link.stats:
+                    st = link.stats
+                    print(f"[{label}] delay line: MB a->b {st['bytes'][0] / 1e6:.1f}, b->a {st['bytes'][1] / 1e6:.1f}, "
+                          f"dropped {st['dropped']}", flush=True)
             else:
                 codes = run_two_nodes(argv, None, logs, args.timeout, extra_env=run_env)
             wall = time.perf_counter() - start
@@ -184,8 +205,14 @@ def main() -> int:
                 run(f"DES-LOC (K_x={k})", "desloc", k, local_steps, target)
                 del extra[len(extra) - len(budget):]
                 continue
-            run(f"Local Adam (K={k})", "local-adam", k, local_steps, target)
+            if not args.no_local_adam:
+                run(f"Local Adam (K={k})", "local-adam", k, local_steps, target)
             run(f"DES-LOC (K_x={k})", "desloc", k, local_steps, target)
+            for tau in args.overlap_steps:
+                tau = int(k) - 1 if tau == "k-1" else int(tau)
+                extra.append(f"--trainer.strategy.init_args.overlap_steps={tau}")
+                run(f"DES-LOC (K_x={k}, tau={tau})", "desloc", k, local_steps, target)
+                extra.pop()
 
         ddp_t = time_to(ddp, target)
         assert ddp_t is not None
@@ -193,7 +220,7 @@ def main() -> int:
         summary = {"target": target, "runs": {}}
         for label, m in results.items():
             hit = time_to(m, target)
-            k = None if label == "DDP" else label.split("=")[1].rstrip(")")
+            k = None if label == "DDP" else label.split("=")[1].split(",")[0].rstrip(")")
             la = results.get(f"Local Adam (K={k})") if k else None
             la_t = time_to(la, target) if la is not None else None
             last_step, _, last_t, _ = [v for v in m.val if v[2] is not None][-1]
@@ -218,7 +245,9 @@ def main() -> int:
                                       "speedup_vs_ddp": vs_ddp, "speedup_vs_local_adam": vs_la,
                                       "speedup_vs_local_adam_at_least": la_bound,
                                       "command": " ".join(commands[label])}
-        link_desc = f"{args.rate} veth + tc tbf, 2 nodes x 1 process" if use_link else "loopback, 2 nodes x 1 process"
+        link_desc = ((f"{args.rate} delay line (tun + forwarder), {args.latency_ms:g} ms one way, 2 nodes x 1 process"
+                      if args.link == "delay" else f"{args.rate} veth + tc tbf, 2 nodes x 1 process")
+                     if use_link else "loopback, 2 nodes x 1 process")
         print()
         grad_mb = ddp.last.get("model/grad_bytes_per_step", float("nan")) / 1e6
         betas = f"AdamW betas {tuple(args.betas)}" if args.betas else "the config's AdamW betas (0.9, 0.95)"
@@ -233,6 +262,12 @@ def main() -> int:
             d = summary["runs"].get(f"DES-LOC (K_x={k})", {})
             if k == "auto":
                 continue
+            for lab, r in summary["runs"].items():
+                if lab.startswith(f"DES-LOC (K_x={k}, tau="):
+                    print(f"{lab}: " + (f"reached the target {r['speedup_vs_ddp']:.2f}x faster than DDP"
+                                        + (f", {d['seconds'] / r['seconds']:.2f}x faster than blocking DES-LOC"
+                                           if d.get("reached") else "")
+                                        if r.get("reached") else f"did not reach the target within {local_steps} steps"))
             la = summary["runs"].get(f"Local Adam (K={k})", {})
             if d.get("reached"):
                 print(f"K_x={k}: DES-LOC reached the target {d['speedup_vs_ddp']:.2f}x faster than DDP (target >= 3x)"
