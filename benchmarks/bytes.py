@@ -217,8 +217,8 @@ def main(argv=None) -> dict:
             avg0 = wrapped_bytes(r0, AVERAGING_MODULE, op=None)
             avg1 = wrapped_bytes(r1, AVERAGING_MODULE, op=None)
             # every scheme's state periods are multiples of K_x, so its rounds are the parameter rounds,
-            # each carrying the core's signals (one float32)
-            signals = 4 * (args.steps // k_x)
+            # each carrying the core's control tensor: one float32 signal and on_nonfinite's flag per rank
+            signals = 4 * (1 + len(r["ranks"])) * (args.steps // k_x)
             check = avg0 == avg1 == sent + ledger.get("eval", 0) + ledger.get("setup", 0) + signals
             other = wrapped_bytes(r0, op=None) - avg0
         summary[scheme] = {

@@ -42,7 +42,7 @@ With one process nothing is sent and nothing is recorded.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Optional
 
 import torch
@@ -123,9 +123,14 @@ class Contribution:
     flag itself). Masking is ``masked_fill`` on each packed flat bucket, not a multiplication by the flag:
     ``NaN * 0`` is NaN. The mean then holds ``sum over counted ranks / M``; the caller rescales it."""
 
-    def __init__(self, counts: Tensor, exempt: Sequence[Tensor] = ()) -> None:
+    def __init__(self, counts: Tensor, exempt: Sequence[Tensor] = (),
+                 scale: Optional[Callable[[], Tensor]] = None) -> None:
         self.drop = torch.logical_not(counts)
         self.exempt = {id(t) for t in exempt}
+        #: for compressed categories: returns the 0-dim factor ``M / n`` (``n`` ranks counted) by which the
+        #: float32 mean of each coded part is multiplied before it is encoded again; called only once the
+        #: round's exact buckets (the control tensor, which carries the counts) have landed
+        self.scale = scale
 
     def mask_(self, flat: Tensor, bucket: Sequence[Tensor]) -> None:
         """Zero ``flat``'s slices of ``bucket``'s non-exempt tensors where the rank does not count: one
@@ -354,8 +359,8 @@ def average_round(
     for t in exact:
         if not t.is_floating_point():
             raise TypeError(f"only floating tensors can be averaged, got {t.dtype}")
-    if contribution is not None and coded:
-        raise ValueError("a round whose contribution may be masked (on_nonfinite) cannot carry compressed categories")
+    if contribution is not None and coded and contribution.scale is None:
+        raise ValueError("a masked contribution (on_nonfinite) to compressed categories needs its scale")
     with torch.no_grad():
         calls = _run_two_at_a_time(_stages(exact, coded, world, group, bucket_cap_bytes, contribution))
     return dict(sent), calls
@@ -370,7 +375,7 @@ def _stages(exact: Sequence[Tensor], coded: Sequence[tuple[Sequence[Tensor], Any
         offsets, total = _category_offsets(ts), _numel(ts)
         start = 0
         for numel in bucket_numels(memory.codec, total, bucket_cap_bytes, world):
-            yield _CodedBucket(ts, offsets, memory, start, numel, total, world, group)
+            yield _CodedBucket(ts, offsets, memory, start, numel, total, world, group, contribution)
             start += numel
 
 
@@ -465,12 +470,17 @@ class _CodedBucket:
     calls = 2
 
     def __init__(self, tensors: Sequence[Tensor], offsets: Sequence[int], memory: Any, start: int, numel: int,
-                 total: int, world: int, group: Optional[Any]) -> None:
+                 total: int, world: int, group: Optional[Any], contribution: Optional[Contribution] = None) -> None:
         self.tensors, self.offsets, self.memory, self.start = tensors, offsets, memory, start
         self.world, self.group, self.rank = world, group, dist.get_rank(group)
+        self.contribution = contribution
         codec = memory.codec
         device = tensors[0].device
         message = memory.message_(_pack_range(tensors, offsets, start, numel, device), start)
+        if contribution is not None:
+            # a rank that does not count sends zeros (they encode and decode to exact zeros), and its
+            # error feedback becomes 0 - Q(0) = 0: nothing non-finite stays in its residual either
+            message.masked_fill_(contribution.drop.to(message.device), 0)
         self.part_numels = part_numels(codec, numel, world)
         self.part_bytes = [codec.nbytes(n) if n else 0 for n in self.part_numels]
         self.sent: Optional[Tensor] = torch.empty(sum(self.part_bytes), dtype=torch.uint8, device=device)
@@ -498,7 +508,11 @@ class _CodedBucket:
         mean_part = torch.zeros(widest, dtype=torch.uint8, device=device)
         if numel:
             decoded = (codec.decode(self.received[i * mine : (i + 1) * mine], numel) for i in range(self.world))
-            mean_part[:mine].copy_(codec.encode(_rank_order_mean(decoded, self.world)))
+            mean = _rank_order_mean(decoded, self.world)
+            if self.contribution is not None:  # on_nonfinite: sum over the counted ranks / M -> their mean
+                assert self.contribution.scale is not None
+                mean.mul_(self.contribution.scale())
+            mean_part[:mine].copy_(codec.encode(mean))
         self.received = self.work = None
         gathered = torch.empty(self.world * widest, dtype=torch.uint8, device=device)
         _all_gather_flat(gathered, mean_part, self.group)

@@ -589,6 +589,7 @@ def save(
     shard the values as they are and the core's local state."""
     filepath = str(filepath)
     core.settle_control()  # on_nonfinite: raise, or heal every rank fully, before anything is saved
+    core.check_finite_now("a checkpoint save")  # on_nonfinite: a rank that went non-finite since that round, too
     comm = core.comm
     world, rank = comm.world_size, comm.rank
     fingerprint = model_fingerprint([checkpoint[k] for k in layout.modules if isinstance(checkpoint.get(k), Mapping)])

@@ -152,8 +152,8 @@ class DeslocConfig:
     fragments: int = 1
     #: seconds without a peer's heartbeat after which a rank exits (``None``: no liveness watchdog)
     peer_timeout_s: Optional[float] = 30.0
-    #: a rank whose round is not finite: ``None`` (averaged in, as DDP), ``"heal"`` or ``"raise"``
-    on_nonfinite: OnNonfinite = None
+    #: a rank whose round is not finite: ``"raise"`` (every rank stops), ``"heal"``, or ``None`` (averaged in, as DDP)
+    on_nonfinite: OnNonfinite = "raise"
     #: FSDP2 inside each hierarchical group, DES-LOC across groups on the local shards (:mod:`lightning_desloc.sharding`)
     shard_within_group: bool = False
 
@@ -206,8 +206,7 @@ class DeslocConfig:
                        "fragments": self.fragments != 1, "outer_lr": self.outer is not None,
                        "max_drift": self.drift is not None, "param_sync_every='auto'": self.is_auto,
                        "ddp_warmup_steps": self.ddp_warmup_steps != 0,
-                       "state_policy='reset'": self.state_policy == "reset",
-                       "on_nonfinite": getattr(self, "on_nonfinite", None) is not None}
+                       "state_policy='reset'": self.state_policy == "reset"}
         clash = [name for name, on in unsupported.items() if on]
         if clash:
             raise ValueError(
@@ -240,25 +239,12 @@ class DeslocConfig:
                              f"{min(periods.values())} or longer periods.")
 
     def _check_nonfinite(self) -> None:
-        """``on_nonfinite``: one of its values, and none of the mechanisms whose rounds it cannot guard exactly."""
+        """``on_nonfinite``: one of its values (it works with every other mechanism)."""
         mode = self.on_nonfinite
-        if mode is None:
-            return
-        if mode not in NONFINITE_MODES:
+        if mode is not None and mode not in NONFINITE_MODES:
             raise ValueError(f"on_nonfinite must be None, 'heal' or 'raise', got {mode!r}; e.g. on_nonfinite='heal' "
-                             "averages over the finite ranks and goes on, 'raise' stops every rank with an error")
-        others = {"compression": bool(self.compression), "outer_lr": self.outer is not None,
-                  "max_drift": self.drift is not None, "param_sync_every='auto'": self.is_auto,
-                  "state_policy='reset'": self.state_policy == "reset",
-                  "ddp_warmup_steps": self.ddp_warmup_steps != 0, "group_size": self.hierarchy is not None}
-        if mode == "heal":  # healing averages the states once: not with states that are meant to stay local
-            others["state_policy='keep_local'"] = self.state_policy == "keep_local"
-        clash = [name for name, on in others.items() if on]
-        if clash:
-            raise ValueError(
-                f"on_nonfinite={mode!r} cannot be combined with {', '.join(clash)} yet (the guard leaves a rank out of "
-                "exact rounds of one level only, of the whole model or of fragments, blocking or overlapped). Remove them, or use "
-                "on_nonfinite=None.")
+                             "averages over the finite ranks and goes on, 'raise' (the default) stops every rank with "
+                             "an error, None averages a NaN into every rank as DDP does")
 
     def _check_fragments(self) -> None:
         f = self.fragments
@@ -424,7 +410,7 @@ ARGUMENT_DOCS: dict[str, str] = {
         usual schedule (``1/g`` of the model per rank per parameter round). Every group starts from group 0's
         weights, so group 0's ranks must initialise alike (``seed_everything``). Not yet with checkpoints
         (``Trainer(enable_checkpointing=False)``), compression, ``overlap_steps``, ``fragments``, ``outer_lr``,
-        ``max_drift``, ``"auto"``, ``ddp_warmup_steps``, ``state_policy="reset"`` or ``on_nonfinite``. See
+        ``max_drift``, ``"auto"``, ``ddp_warmup_steps`` or ``state_policy="reset"``. See
         ``docs/sharded.md``.""",
     "comm_budget": """with ``param_sync_every="auto"``: the fraction of step time communication may take.""",
     "total_steps": """the run's length in optimizer steps, when known: with ``"auto"`` it caps ``K_x`` (see
@@ -466,21 +452,24 @@ ARGUMENT_DOCS: dict[str, str] = {
         not a silence; a dead, frozen or unreachable process is (:mod:`lightning_desloc.liveness`). ``None``:
         off, no thread. With one rank nothing runs.""",
     "on_nonfinite": """what a round does with a rank whose values are not finite (NaN or inf in its
-        parameters or in a due state). ``None`` (default): nothing, the NaN is averaged into every rank, as
-        DDP does. ``"heal"``: the rank is left out of the round, every rank takes the mean of the finite
-        ranks, rank 0 logs a warning naming the rank(s) and the step, and at the next optimizer step one
-        more round averages the parameters and every state over the finite ranks, so that the bad rank's
-        states are replaced too (``comm/healed_ranks`` counts the ranks left out). ``"raise"``: the same
-        round, then every rank raises ``FloatingPointError`` at the next optimizer step. Each rank's flag
-        rides on the round (4 bytes per rank, category ``control``): no extra collective, no host
-        synchronisation. With ``fragments`` each fragment's round checks what it carries, and a healed
-        rank gets one full round as above. With ``overlap_steps=tau`` the flags are computed when the round
-        starts and read once it has landed (after step ``s + tau``, one step later at the latest): the
-        finite ranks keep their own progress since ``s`` on top of the finite ranks' mean, a bad rank
-        takes that mean alone, and "heal"'s full round is the next round, overlapped too. Not yet with
-        compression, ``outer_lr``,
-        ``max_drift``, ``"auto"``, ``ddp_warmup_steps``, ``group_size`` or ``state_policy="reset"`` (nor
-        ``"keep_local"`` with ``"heal"``). See ``docs/checkpointing.md``, "A rank that goes non-finite".""",
+        parameters or in a due state). ``"raise"`` (default): the rank is left out of the round (every rank
+        takes the mean of the finite ranks), and at the next optimizer step every rank raises
+        ``FloatingPointError`` naming the rank(s), the step and what the round carried; no rank is left
+        waiting in a collective and no healthy rank holds a NaN. ``"heal"``: the same round, then rank 0 logs
+        a warning and at the next optimizer step one more round averages the parameters and every state over
+        the finite ranks, so that the bad rank's states are replaced too (``comm/healed_ranks`` counts the
+        ranks left out); with ``state_policy="keep_local"`` the bad rank zeroes its own states instead.
+        ``None``: no guard, the NaN is averaged into every rank, as DDP does. Each rank's flag rides on the
+        round (4 bytes per rank of the outermost level, category ``control``): no extra collective, no host
+        synchronisation in the step. Works with compression (the coded mean is rescaled before it is encoded
+        again), ``fragments``, ``overlap_steps`` (flags taken when the round starts, read once it landed),
+        ``outer_lr``, ``group_size`` (one flag per group: inside a group the ranks are kept equal, so a NaN
+        reaches the whole group and the group is left out) and the rest. Before a checkpoint save and consensus validation every rank's
+        parameters and states are checked in one more 4-bytes-per-rank round, so that nothing non-finite is
+        saved or evaluated: ``"raise"`` raises first, ``"heal"`` heals first. Not guarded: the DDP warm-up steps
+        (``ddp_warmup_steps``) and rounds inside groups only (a NaN reaches its group there, as in DDP). See
+        ``docs/checkpointing.md``, "A rank that goes non-finite".""",
+
     "allow_consensus_fallback": """on resume, a truncated, corrupt or foreign per-rank shard raises
         :class:`~lightning_desloc.checkpoint.CheckpointShardError` (default). ``True`` starts every rank
         from the consensus in the main checkpoint file instead, with a warning. See ``docs/checkpointing.md``.""",

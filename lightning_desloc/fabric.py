@@ -140,7 +140,7 @@ class DeslocFabricStrategy(MeteredCollectives, DDPStrategy):
         ddp_warmup_steps: int = 0,
         fragments: int = 1,
         peer_timeout_s: Optional[float] = 30.0,
-        on_nonfinite: OnNonfinite = None,
+        on_nonfinite: OnNonfinite = "raise",
         accelerator: Optional[Accelerator] = None,
         parallel_devices: Optional[list[torch.device]] = None,
         cluster_environment: Optional[ClusterEnvironment] = None,

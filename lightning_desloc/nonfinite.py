@@ -1,9 +1,9 @@
 """``on_nonfinite``: a rank whose round is not finite does not spread it to the others.
 
-Without it (``on_nonfinite=None``, the default) a NaN or inf on one rank reaches every rank at the
-next averaging round, as with DDP's gradient all-reduce. With it, every outermost round is guarded by
-:class:`NonfiniteGuard`, a :class:`~lightning_desloc.options.SyncOption` called at fixed points of the
-step. For a round of ``M`` ranks that carries the tensors ``T`` (every due category):
+With ``on_nonfinite=None`` a NaN or inf on one rank reaches every rank at the next averaging round, as
+with DDP's gradient all-reduce. With ``"raise"`` (the default) or ``"heal"`` every outermost round is
+guarded by :class:`NonfiniteGuard`, a :class:`~lightning_desloc.options.SyncOption` called at fixed points
+of the step. For a round of ``M`` ranks that carries the tensors ``T`` (every due category):
 
 1. before the round, each rank ``m`` computes on the device, without reading it on the host, one flag
    ``c_m = all(isfinite(t).all() for t in T)`` (one read of each tensor: its minimum and maximum, which
@@ -44,6 +44,28 @@ is then the round of step ``s + tau + 1``, overlapped like any other (it lands a
 ``s + 2 tau + 1``, by the same rules). A healthy overlapped round is bit for bit the unguarded one (the
 control tensor is a bucket of its own there).
 
+With ``group_size`` the outermost round joins one rank per group (``M`` groups) and every slot stands for a
+group: inside a group the ranks are kept equal (the gradients all-reduced every step, or DES-LOC rounds
+of the group, which carry everything the outermost round carries right before it), so a NaN on one rank
+reaches its whole group there, as in DDP, and the outermost round leaves the whole group out; the warning
+names the group and its ranks. With ``shard_within_group`` each rank of a group holds a shard, flags only
+its own and corrects by its own outer round's count; the control tensor is then averaged inside the group
+too, so every rank reads ``sum_p c_{a,p} / (M g)`` for group ``a`` and decides alike.
+
+Compressed categories (``compression``) are masked in the float32 message before it is encoded (a bad
+rank's int8 error feedback becomes ``0 - Q(0) = 0``), and the float32 mean of each coded part is multiplied
+by ``M / n`` before it is encoded again (the round's control tensor, an exact bucket, has landed by then):
+the factor is applied once, inside the coded round, not to the decoded result.
+
+``"heal"`` with ``state_policy="keep_local"`` (states never averaged): the bad rank zeroes its own tensor
+states when the flags are read, and the extra round carries the parameters only. With ``"reset"`` a
+parameter round zeroes the states on every rank anyway, so it heals the bad rank by itself.
+
+Before a checkpoint save and consensus validation, :meth:`~lightning_desloc.sync.DeslocSync.check_finite_now`
+checks every rank's parameters and states (a rank may have gone non-finite since the last round) in one
+round of ``4 M`` bytes: ``"raise"`` raises before anything is written or averaged, ``"heal"`` runs a full
+guarded round first.
+
 Costs per guarded round: a read pass over the due tensors (the finiteness check), a masked fill of each
 packed bucket (in place, no extra buffer), a multiply pass over the due tensors (the correction), and
 ``4 M`` control bytes (float32 slots) besides the ``4 * len(SIGNALS)`` the round always carries.
@@ -61,7 +83,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from lightning_desloc.options import Metrics, Round, SyncOption, averaged_state_keys
+from lightning_desloc.options import Metrics, Round, SyncOption, averaged_state_keys, is_averaged, optimizer_params
 from lightning_desloc.schedule import SyncPlan
 
 if TYPE_CHECKING:
@@ -139,10 +161,17 @@ class NonfiniteGuard(SyncOption):
     name = "nonfinite"
     shared = True
 
-    def __init__(self, mode: str) -> None:
+    def __init__(self, mode: str, state_policy: str = "average", ranks_per_slot: int = 1) -> None:
         if mode not in NONFINITE_MODES:
             raise ValueError(f"on_nonfinite must be None, 'heal' or 'raise', got {mode!r}")
         self.mode = mode
+        #: ``"average"``: heal with a full round; ``"keep_local"``: states are never averaged, so a healed
+        #: rank zeroes its own; ``"reset"``: every parameter round zeroes the states on every rank anyway
+        self.state_policy = state_policy
+        #: ranks behind one slot of the outermost round: 1, or with ``group_size`` the ranks of a group
+        #: (slot ``a`` is group ``a``; a group's ranks hold the same values when the outermost round starts,
+        #: or with ``shard_within_group`` each holds a shard and the slot is their mean after the round)
+        self.ranks_per_slot = ranks_per_slot
         self.healed_ranks = 0
         self.pending_full_rounds: set[int] = set()
         self._core: Optional["DeslocSync"] = None
@@ -151,6 +180,8 @@ class NonfiniteGuard(SyncOption):
         #: the guarded rounds started and not landed yet, oldest first (more than one with overlap_steps)
         self._started: list[_GuardedRound] = []
         self._keys: dict[int, tuple[str, ...]] = {}
+        #: the optimizers whose next guarded round is the one ``adjust`` made a full round (heal)
+        self._healing: set[int] = set()
 
     def attach(self, core: "DeslocSync", optimizers: Sequence[Optimizer]) -> None:
         self._core, self._optimizers = core, list(optimizers)
@@ -158,6 +189,23 @@ class NonfiniteGuard(SyncOption):
 
     def _index(self, optimizer: Optimizer) -> int:
         return next((i for i, opt in enumerate(self._optimizers) if opt is optimizer), 0)
+
+    def _slot(self) -> int:
+        """This rank's slot: its rank in the outermost level (the world, or across groups: its group)."""
+        if self._core is None:
+            return 0
+        outer = self._core.levels[-1].comm
+        return (outer if outer is not None else self._core.comm).rank
+
+    def _carries_everything(self, plan: SyncPlan, keys: Sequence[str]) -> bool:
+        """Whether a round of ``plan`` leaves a left-out rank with nothing non-finite of its own: the
+        parameters and every averaged state (``"reset"``: the parameters, the states being zeroed right
+        after on every rank; ``"keep_local"``: never, its states are its own)."""
+        if not (plan.whole_model and plan.params):
+            return False
+        if self.state_policy == "reset":
+            return plan.reset_states or set(keys) <= set(plan.states)
+        return self.state_policy == "average" and set(keys) <= set(plan.states)
 
     # ------------------------------------------------------------------ on the device, in the step
     def control_slots(self, world: int) -> int:
@@ -168,64 +216,124 @@ class NonfiniteGuard(SyncOption):
         index = self._index(optimizer)
         if index not in self._keys:  # the state keys exist from the first step on and do not change
             self._keys[index] = _averaged_keys(optimizer)
-        everything = plan.whole_model and plan.params and set(self._keys[index]) <= set(plan.states)
-        self._started.append(_GuardedRound(index, plan.step, tuple(cat for cat, ts in due.items() if ts), everything))
+        # "keep_local": the healing round carries the parameters only, the left-out rank zeroed its states
+        everything = self._carries_everything(plan, self._keys[index]) or (plan.params and index in self._healing)
+        self._healing.discard(index)
+        # the optimizer step, as Lightning's global_step counts it (the schedule counts from the DDP warm-up's end)
+        step = plan.step + (self._core.config.ddp_warmup_steps if self._core is not None else 0)
+        self._started.append(_GuardedRound(index, step, tuple(cat for cat, ts in due.items() if ts), everything))
         counts = all_finite([t for ts in due.values() for t in ts], slots.device)
-        rank = self._core.comm.rank if self._core is not None else 0
-        slots[rank].copy_(counts)  # a device copy of the flag: 1.0 or 0.0, no host read
+        slots[self._slot()].copy_(counts)  # a device copy of the flag: 1.0 or 0.0, no host read
         return counts
+
+    def correction(self, slots: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+        """``M / n`` on the device, for a landed round whose ``slots`` hold the mean of the ``M`` flags."""
+        world = slots.numel()
+        # slot j holds c_j / M: M * slot_j is 0 or 1 up to rounding, so round it before summing
+        return _correction_factor(torch.round(slots * world).sum(), world, dtype)
 
     def round_landed(self, due: dict[str, list[Tensor]], slots: Tensor) -> None:
         # rounds land in the order they started (at once, or overlap_steps later)
         self._last = self._started.pop(0) if self._started else _GuardedRound(0, -1, (), False)
-        world = slots.numel()
-        # slot j holds c_j / M: M * slot_j is 0 or 1 up to rounding, so round it before summing
-        n_counted = torch.round(slots * world).sum()
+        wire = self._core._wire if self._core is not None else None
         by_dtype: dict[torch.dtype, list[Tensor]] = defaultdict(list)
-        for ts in due.values():
+        for cat, ts in due.items():
+            if wire is not None and wire.for_category(cat) is not None:
+                continue  # a compressed category was corrected inside its coded round, before re-encoding
             for t in ts:
                 by_dtype[t.dtype].append(t)
         with torch.no_grad():
             for dtype, same in by_dtype.items():
                 # M / n: exactly 1.0 in a healthy round (x * 1.0 == x), inf with no finite rank (NaN stays)
-                torch._foreach_mul_(same, _correction_factor(n_counted, world, dtype))
+                torch._foreach_mul_(same, self.correction(slots, dtype))
 
     def adjust(self, step: int, plan: SyncPlan, optimizer: Optimizer) -> SyncPlan:
         index = self._index(optimizer)
         if index not in self.pending_full_rounds:
             return plan
         self.pending_full_rounds.discard(index)
-        keys = self._keys.get(index) or _averaged_keys(optimizer)
+        self._healing.add(index)
+        keys = () if self.state_policy == "keep_local" else (self._keys.get(index) or _averaged_keys(optimizer))
         return SyncPlan(plan.step, True, tuple(sorted(set(keys) | set(plan.states))), plan.reset_states)
 
     # ------------------------------------------------------------------ on the host, a step later
+    def _bad_slots(self, values: list[float]) -> list[int]:
+        """The slots whose flag was 0 (with groups: on any rank of the group)."""
+        world, per = len(values), self.ranks_per_slot
+        return [j for j, v in enumerate(values) if round(v * world * per) < per]
+
+    def _ranks(self, slots: Sequence[int], world: int) -> str:
+        """``slots`` as the ranks they stand for: ``rank(s) [1] of 3``, or ``group(s) [1] (ranks [2, 3])``."""
+        per = self.ranks_per_slot
+        if per == 1:
+            return f"rank(s) {list(slots)} of {world}"
+        ranks = [r for a in slots for r in range(a * per, (a + 1) * per)]
+        return f"group(s) {list(slots)} of {world} (ranks {ranks})"
+
     def read_control(self, values: list[float]) -> None:
         world = len(values)
-        bad = [j for j, v in enumerate(values) if round(v * world) < 1]
-        if not bad or self._last is None:
+        seen, self._last = self._last, None  # each landed round is read once
+        bad = self._bad_slots(values)
+        if not bad or seen is None:
             return
         good = [j for j in range(world) if j not in bad]
-        seen = self._last
         what = ", ".join(seen.categories) or "nothing"
-        found = (f"rank(s) {bad} of {world} sent non-finite values (NaN or inf) in the averaging round after "
+        found = (f"{self._ranks(bad, world)} sent non-finite values (NaN or inf) in the averaging round after "
                  f"optimizer step {seen.step} (it carried {what}; at least one of them was not finite there)")
         if self.mode == "raise" or not good:
-            outcome = ("every rank took the mean of the finite rank(s) " + str(good) if good else
+            outcome = ("every rank took the mean of the finite " + self._ranks(good, world) if good else
                        "no rank was finite, so every rank now holds NaN")
             raise FloatingPointError(
                 f"on_nonfinite={self.mode!r}: {found}; {outcome}, and every rank stops here, one optimizer step "
                 f"later. {_FIX}, or pass on_nonfinite='heal' to average over the finite ranks and go on"
                 + (" (it needs at least one finite rank)." if not good else "."))
-        self.healed_ranks += len(bad)
-        if not seen.carried_everything:
+        self.healed_ranks += len(bad) * self.ranks_per_slot
+        if seen.carried_everything:
+            then = {"average": "that round carried the parameters and every averaged state: they are healed",
+                    "reset": "that round carried the parameters and the states were zeroed on every rank right after "
+                             "(state_policy='reset'): they are healed",
+                    "keep_local": "that round gave them the parameters, after they had zeroed their own states: they "
+                                  "are healed"}[self.state_policy]
+        elif self.state_policy == "keep_local":
+            self.pending_full_rounds.add(seen.index)
+            if self._slot() in bad:
+                self._zero_states(seen.index)
+            then = ("with state_policy='keep_local' their optimizer states are their own, so they were zeroed, and "
+                    "this step averages the parameters once more over the finite ranks")
+        else:
             self.pending_full_rounds.add(seen.index)
             then = ("their optimizer states that round did not carry may still be non-finite, so this step "
                     "averages the parameters and every state once more over the finite ranks")
-        else:
-            then = "that round carried the parameters and every averaged state: they are healed"
         if self._core is None or self._core.comm.rank == 0:
             _log.warning(f"on_nonfinite='heal': {found}; they were left out and every rank took the mean of the "
-                         f"finite rank(s) {good}; {then}. {_FIX} if it recurs.")
+                         f"finite {self._ranks(good, world)}; {then}. {_FIX} if it recurs.")
+
+    def found_before(self, what: str, bad: Sequence[int], world: int, step: int) -> None:
+        """Ranks ``bad`` (of ``world``) hold non-finite parameters or states as ``what`` begins (a checkpoint
+        save, consensus validation: :meth:`~lightning_desloc.sync.DeslocSync.check_finite_now`): raise on
+        every rank with ``"raise"`` (or when no rank is finite); with ``"heal"`` the core then runs a full
+        guarded round."""
+        good = [j for j in range(world) if j not in bad]
+        if self.mode == "raise" or not good:
+            nothing = ("nothing was saved (the last checkpoint is intact)" if "save" in what else
+                       "nothing was averaged")
+            raise FloatingPointError(
+                f"on_nonfinite={self.mode!r}: rank(s) {list(bad)} of {world} hold non-finite values (NaN or inf) in their "
+                f"parameters or optimizer states at optimizer step {step}, as {what} begins; {nothing} and "
+                "every rank stops here. "
+                + (f"{_FIX}, or pass on_nonfinite='heal' to average over the finite ranks and go on." if good else
+                   f"No rank is finite. {_FIX}."))
+
+    def _zero_states(self, index: int) -> None:
+        """This rank was left out and keeps its states to itself (``"keep_local"``): start them afresh."""
+        if index >= len(self._optimizers):
+            return
+        optimizer = self._optimizers[index]
+        with torch.no_grad():
+            for p in optimizer_params(optimizer):
+                for key, value in optimizer.state.get(p, {}).items():
+                    if is_averaged(key, value, p):
+                        value.zero_()
 
     def after_round(self, rnd: Round) -> Optional[Metrics]:
         return {"comm/healed_ranks": float(self.healed_ranks)}

@@ -166,7 +166,7 @@ class DeslocStrategy(MeteredCollectives, DDPStrategy):
         ddp_warmup_steps: int = 0,
         fragments: int = 1,
         peer_timeout_s: Optional[float] = 30.0,
-        on_nonfinite: OnNonfinite = None,
+        on_nonfinite: OnNonfinite = "raise",
         accelerator: Optional["pl.accelerators.Accelerator"] = None,
         parallel_devices: Optional[list[torch.device]] = None,
         cluster_environment: Optional[ClusterEnvironment] = None,
@@ -392,6 +392,9 @@ class DeslocStrategy(MeteredCollectives, DDPStrategy):
         if self.validate_on != "consensus" or trainer is None or trainer.state.fn != TrainerFn.FITTING:
             return
         if self.core.params_in_sync:
+            return
+        self.core.check_finite_now("consensus validation")  # on_nonfinite: raise, or heal, first
+        if self.core.params_in_sync:  # healed: every rank holds the finite ranks' mean already
             return
         self._stashed_local = [_stash(t) for t in self._consensus_tensors()]
         self.average_parameters(category="eval")

@@ -70,7 +70,7 @@ from lightning_desloc.compression import CompressionOption, CompressionPlan
 from lightning_desloc.config import DeslocConfig
 from lightning_desloc.groups import check_group_keys, within_group_plan
 from lightning_desloc.ledger import CommLedger
-from lightning_desloc.nonfinite import NonfiniteGuard
+from lightning_desloc.nonfinite import NonfiniteGuard, all_finite
 from lightning_desloc.options import (
     Metrics,
     ResetStates,
@@ -193,7 +193,8 @@ def build_options(config: DeslocConfig, snapshot: ConsensusSnapshot, level: Leve
     """The options the config turns on, in the order they are called (see :mod:`lightning_desloc.options`)."""
     options: list[SyncOption] = []
     if config.on_nonfinite is not None:  # first: its correction must land before any other option reads the round
-        options.append(NonfiniteGuard(config.on_nonfinite))
+        per_slot = config.hierarchy.group_size if config.hierarchy is not None else 1
+        options.append(NonfiniteGuard(config.on_nonfinite, config.state_policy, ranks_per_slot=per_slot))
     if config.drift is not None:
         options.append(DriftTrigger(config.drift, snapshot, level))
     if config.is_auto:
@@ -440,8 +441,9 @@ class DeslocSync:
 
     def _signals_arrived(self, mean: Tensor) -> None:
         """A round's signals arrived (``mean`` over ranks): read them one step later."""
-        if self._signal_buffer is not None and mean is not self._signal_buffer:
-            self._signal_buffer.copy_(mean)
+        buf = self._signal_buffer
+        if buf is not None and mean is not buf and mean.data_ptr() != buf.data_ptr():  # a view of it: in place
+            buf[: mean.numel()].copy_(mean)
         self._unread_signals = True
 
     def _read_signals(self) -> None:
@@ -470,6 +472,43 @@ class DeslocSync:
                 keys = self._state_keys[index] or tuple(sorted(averaged_state_keys(optimizer)))
                 plans = [SyncPlan(step, False)] * (len(self.levels) - 1) + [plan]
                 self._run_rounds(optimizer, plans, keys, with_buffers=index == 0)
+                self._apply_all_rounds()  # overlap_steps: this round lands now, not tau steps later
+
+    def check_finite_now(self, before: str = "a checkpoint save") -> None:
+        """``on_nonfinite``, before a checkpoint save or consensus validation: a rank may have gone
+        non-finite since the last round, and the save (or the validation's average) would take it into the
+        main file (or into every rank's evaluated model). Each rank flags its parameters and every averaged
+        state in one slot of a world-sized float32 tensor, averaged in one round (category ``control``: 4
+        bytes per rank; a host read, outside the step). ``"raise"``: every rank raises before anything is
+        written or averaged, so the last checkpoint stays the last good one. ``"heal"``: a full guarded round
+        (parameters and every averaged state, over the finite ranks) first. ``before`` names what follows,
+        for the message. Collective: call on every rank. Nothing happens without the guard."""
+        guard = self.option(NonfiniteGuard)
+        if guard is None or not self.optimizers:
+            return
+        if self.params_in_sync and all(set(averaged_state_keys(opt)) <= self._states_in_sync[i]
+                                       for i, opt in enumerate(self.optimizers)):
+            return  # right after a guarded round of everything (or setup): every rank holds finite means
+        tensors = local_tensors([t for opt in self.optimizers for p in optimizer_params(opt)
+                                 for t in [p, *(v for k, v in opt.state.get(p, {}).items() if is_averaged(k, v, p))]])
+        device = optimizer_params(self.optimizers[0])[0].device
+        world = self.comm.world_size if self.comm.distributed else 1
+        flags = torch.zeros(world, dtype=torch.float32, device=device)
+        flags[self.comm.rank if self.comm.distributed else 0].copy_(all_finite(tensors, device))
+        if world > 1:
+            self.comm.average_({"control": [flags]})
+        values = flags.tolist()
+        bad = [j for j, v in enumerate(values) if round(v * world) < 1]
+        if not bad:
+            return
+        steps = self.optimizer_steps[0] if self.optimizer_steps else 0
+        guard.found_before(before, bad, world, steps)  # raises with "raise", or with no finite rank
+        for index, optimizer in enumerate(self.optimizers):
+            step = self.optimizer_steps[index] - self.config.ddp_warmup_steps
+            keys = () if self.config.state_policy == "keep_local" else tuple(sorted(averaged_state_keys(optimizer)))
+            self.sync(optimizer, SyncPlan(step, True, keys), with_buffers=index == 0)
+        self._apply_all_rounds()  # overlap_steps: the healing rounds land now
+        self.settle_control()
 
     def _before_round(self, plan: SyncPlan, optimizer: Optimizer, due: dict[str, list[Tensor]],
                       control: Tensor) -> Optional[Contribution]:
@@ -479,7 +518,12 @@ class DeslocSync:
                  if (flag := option.before_round(plan, optimizer, due, control[where])) is not None]
         if not flags:
             return None
-        return Contribution(flags[0] if len(flags) == 1 else torch.stack(flags).all(), exempt=[control])
+        guard = next(((o, where) for o, where in self._control_slices if isinstance(o, NonfiniteGuard)), None)
+
+        def scale() -> Tensor:  # compressed categories: M / n inside the coded round, once the control landed
+            return guard[0].correction(control[guard[1]]) if guard is not None else torch.ones((), device=control.device)
+
+        return Contribution(flags[0] if len(flags) == 1 else torch.stack(flags).all(), exempt=[control], scale=scale)
 
     def _round_landed(self, due: dict[str, list[Tensor]], control: Tensor) -> None:
         """A round's means have arrived (blocking: in ``due``'s tensors; ``overlap_steps``: in its flat
@@ -530,8 +574,8 @@ class DeslocSync:
             buffers = list(self.buffers()) if self.buffers is not None and self.index_of(optimizer) == 0 else []
             if buffers:
                 due["buffers"] = buffers
-            if grads:
-                due["control"] = [self._signals_for_round(grads[0].device)]
+            if grads:  # the signals only: the options' slots (on_nonfinite's flags) guard DES-LOC's rounds
+                due["control"] = [self._signals_for_round(grads[0].device)[: len(SIGNALS)]]
             self.comm.average_(due, bucket_cap_bytes=self.bucket_cap_bytes)
             if grads and self.comm.distributed:
                 self._signals_arrived(due["control"][0])
@@ -743,7 +787,7 @@ class DeslocSync:
         self.settle_control()
         if self.params_in_sync:
             return False
-        if self._control_slices and self._one_optimizer_holds(modules):
+        if any(o.control_slots(1) for o in self.options) and self._one_optimizer_holds(modules):
             # on_nonfinite: the last average is a guarded round too (the parameters, the signals and the
             # flags), settled at once: a rank that went non-finite after the last scheduled round is left
             # out (and healed, or every rank raises) instead of spreading into the final model
@@ -751,6 +795,7 @@ class DeslocSync:
             keys = self._state_keys[0] or tuple(sorted(averaged_state_keys(self.optimizers[0])))
             plans = [SyncPlan(step, False)] * (len(self.levels) - 1) + [SyncPlan(step, True)]
             self._run_rounds(self.optimizers[0], plans, keys, with_buffers=True)
+            self._apply_all_rounds()  # overlap_steps: the closing round lands now
             self.settle_control()
             return True
         self.average_parameters(modules)

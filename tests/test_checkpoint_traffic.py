@@ -64,10 +64,13 @@ def test_a_save_sends_nothing_right_after_a_full_round_and_exactly_what_differs_
         assert mid["ledger_bytes"] == expected and mid["ledger_rounds"] == 1
         assert sum(c[2] for c in reduces) == expected  # counted at torch.distributed: the same bytes
         assert all(c[1] == "torch.float32" for c in reduces)
-        assert not any(c[0] == "all_reduce" for c in mid["calls"])  # to rank 0 only, not to every rank
+        # to rank 0 only, not to every rank; the one all_reduce is on_nonfinite's check before the save (the
+        # ranks trained since the last round): one float32 flag per rank, category "control"
+        assert [c for c in mid["calls"] if c[0] == "all_reduce"] == [("all_reduce", "torch.float32", 2 * FLOAT32)]
         assert len(reduces) > 2  # several buckets, so the pipeline of two in flight ran
-        # the ledger counted every call it issued: the reduces plus the same control calls as the other save
-        assert mid["ledger_calls"] - after_round["ledger_calls"] == len(reduces)
+        # the ledger counted every call it issued: the reduces, the check and the same control calls as the
+        # other save
+        assert mid["ledger_calls"] - after_round["ledger_calls"] == len(reduces) + 1
 
     # the main file of the mid-period save is the mean of the two ranks' own values, taken from the shards
     main = torch.load(tmp_path / "step6.ckpt", weights_only=True)

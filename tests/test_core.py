@@ -95,7 +95,8 @@ def test_three_ranks_match_the_reference_after_every_step():
     n = ref.N_PARAMS * 8
     ledger = out[0]["core"].ledger
     # and each round carries the core's signals: one float32
-    assert dict(ledger.bytes) == {"params": 6 * n, "state/exp_avg": 3 * n, "state/exp_avg_sq": 2 * n, "control": 6 * 4}
+    assert dict(ledger.bytes) == {"params": 6 * n, "state/exp_avg": 3 * n, "state/exp_avg_sq": 2 * n,
+                                  "control": 6 * (1 + 3) * 4}  # the signal and on_nonfinite's flag per rank
     assert ledger.rounds == 6 and ledger.ddp_equivalent_bytes == 13 * n
     assert out[0]["core"].skipped_steps == [1] and out[0]["core"].optimizer_steps == [13]
     # what after_step returned: the plan of the round, None for a local step
@@ -133,7 +134,7 @@ def test_ddp_warmup_then_the_schedule_from_its_end_match_the_reference():
     n = ref.N_PARAMS * 8  # float64
     ledger = out[0]["core"].ledger
     assert dict(ledger.bytes) == {"grads": 3 * n, "params": 4 * n, "state/exp_avg": 2 * n, "state/exp_avg_sq": n,
-                                  "control": (3 + 4) * 4}
+                                  "control": 3 * 4 + 4 * (1 + 3) * 4}  # warm-up rounds: the signal only
     assert ledger.ddp_equivalent_bytes == 11 * n
     assert [p.step if p else None for p in out[0]["plans"]] == [None, None, None, None, 2, None, 4, None, 6, None, 8]
 
@@ -152,9 +153,10 @@ def test_two_levels_match_the_two_level_reference():
     n = ref.N_PARAMS * 8
     # inner rounds carry the inner level's due and everything the outer level has due:
     # params after 2, 3, 4, 6, 8, 9, 10, 12; momentum after 4, 6, 8, 12
-    assert dict(core.group_level.ledger.bytes) == {"params": 8 * n, "state/momentum_buffer": 4 * n, "control": 4 * 4}
+    assert dict(core.group_level.ledger.bytes) == {"params": 8 * n, "state/momentum_buffer": 4 * n, "control": 4 * (1 + 2) * 4}
     # outer: params after 3, 6, 9, 12; momentum after 6, 12
-    assert dict(core.ledger.bytes) == {"params": 4 * n, "state/momentum_buffer": 2 * n, "control": 4 * 4}
+    assert dict(core.ledger.bytes) == {"params": 4 * n, "state/momentum_buffer": 2 * n,
+                                       "control": 4 * (1 + 2) * 4}  # the signal and one flag per group
 
 
 class Recording(SyncOption):
@@ -404,9 +406,9 @@ def test_fragments_match_the_reference_after_every_step(tau):
     f0, f1 = 35 * 8, 31 * 8
     ledger = out[0]["core"].ledger
     assert dict(ledger.bytes) == {"params": 3 * f0 + 3 * f1, "state/exp_avg": f0 + 2 * f1,
-                                  "state/exp_avg_sq": f0 + f1, "control": 6 * 4}
+                                  "state/exp_avg_sq": f0 + f1, "control": 6 * (1 + 3) * 4}
     # the largest round is fragment 1's at s = 2 (params and both states), not a whole-model round
-    assert ledger.largest_round_bytes == 3 * f1 + 4
+    assert ledger.largest_round_bytes == 3 * f1 + 4 * (1 + 3)  # and the control tensor: the signal, 3 flags
 
 
 def test_fragments_errors_name_the_fix():

@@ -197,4 +197,4 @@ def test_fragments_with_overlap_fit_matches_the_reference(tmp_path):
     # the closing average: 528)
     f0, f1 = 35 * 8, 31 * 8
     assert strategy.ledger.bytes["params"] == 3 * f0 + 3 * f1 + (f0 + f1)
-    assert strategy.ledger.largest_round_bytes == 3 * f1 + 4
+    assert strategy.ledger.largest_round_bytes == 3 * f1 + 4 * (1 + 2)  # and the signal and 2 flags

@@ -214,10 +214,11 @@ def test_fabric_matches_the_reference_and_the_schedule_bytes(tmp_path, name):
         if n_steps // cfg.state_sync_every[key]:
             schedule[f"state/{key}"] = n_steps // cfg.state_sync_every[key] * model_bytes
     broadcast_bytes = 8 + len(pickle.dumps(BROADCAST_OBJ))
-    # every scheduled round also carries the core's signals: one float32
+    # every scheduled round also carries the core's control tensor: one float32 signal and on_nonfinite's
+    # flag per rank; so does the closing round, a guarded round too
     rounds = sum(1 for s in range(1, n_steps + 1) if s % cfg.param_sync_every == 0
                  or any(s % p == 0 for p in cfg.state_sync_every.values()))
-    signal_bytes = 4 * rounds
+    signal_bytes = 4 * (1 + WORLD) * (rounds + (not last_was_sync))
     expected = {**schedule, "setup": model_bytes, "metrics": 8, "control": 8 + broadcast_bytes + signal_bytes}
     for r in range(WORLD):
         ledger = ranks[r]["ledger"]

@@ -87,9 +87,11 @@ def test_two_levels_match_the_reference_step_by_step(tmp_path):
     model = ref.N_PARAMS * 8
     # inner: params after 2, 3, 4, 6, 8, 9, 10, 12 and at the end (9); exp_avg after 4, 6, 8, 12 (4);
     # exp_avg_sq after 9, 12 (2); no gradient is all-reduced
-    # and the inner round of each step with an outer round (3, 4, 6, 8, 9, 12) carries the signals (float32)
+    # and the inner round of each step with an outer round (3, 4, 6, 8, 9, 12) and of the closing round
+    # carries the control tensor: the signal and on_nonfinite's flag per group (3 float32)
     assert dict(strategy.group_ledger.bytes) == {
-        "params": 9 * model, "state/exp_avg": 4 * model, "state/exp_avg_sq": 2 * model, "control": 6 * 4,
+        "params": 9 * model, "state/exp_avg": 4 * model, "state/exp_avg_sq": 2 * model,
+        "control": 7 * (1 + 2) * 4,
     }
     assert strategy.group_ledger.rounds == 9  # steps 2, 3, 4, 6, 8, 9, 10, 12 and the end
     # outer: params after 3, 6, 9, 12 and at the end (5); exp_avg after 4, 8, 12 (3); exp_avg_sq after 9 (1)
@@ -217,11 +219,11 @@ def test_inner_level_with_compression_and_outer_optimizer_on_the_outer_round(tmp
     # inner: params after 2, 3, 4, 6, 8, 9; exp_avg after 4, 6, 8; exp_avg_sq after 9
     # plus the signals on the inner rounds of the steps with an outer round: 3, 4, 6, 8, 9
     assert inner["bytes"] == {"params": 6 * n * 4, "state/exp_avg": 3 * n * 4, "state/exp_avg_sq": 1 * n * 4,
-                              "control": 5 * 4}
+                              "control": 5 * (1 + 2) * 4}  # the signal and a flag per group
     assert inner["rounds"] == 6
     # outer: params after 3, 6, 9; exp_avg after 4, 8; exp_avg_sq after 9
     assert outer["bytes"] == {"params": 3 * n * 2, "state/exp_avg": 2 * n * 2, "state/exp_avg_sq": 1 * n * 2,
-                              "control": 5 * 4}  # the signals stay exact
+                              "control": 5 * (1 + 2) * 4}  # the control tensor stays exact
     assert outer["rounds"] == 5
     # the direct sync: one inner round of the parameters, then every rank holds the same parameters
     assert all(torch.equal(o["direct"], out[0]["direct"]) for o in out)

@@ -76,7 +76,8 @@ def test_four_processes_in_two_groups_equal_two_joined_workers(tmp_path):
     n_params = 5 * 7 + 7 + 7 + 1
     # gradient level: every step, one model's gradients; DES-LOC level: the schedule, as without groups
     # (and, after each outer round at steps 3 and 6, the signals within the group: one float32)
-    assert hier.group_ledger.bytes == {"grads": STEPS * n_params * 8, "control": 2 * 4}
+    # (the control tensor: the signal and on_nonfinite's flag per group, 3 float32)
+    assert hier.group_ledger.bytes == {"grads": STEPS * n_params * 8, "control": 2 * (1 + 2) * 4}
     assert hier.ledger.bytes["params"] == flat.ledger.bytes["params"] == (STEPS // K_X) * n_params * 8
     assert hier.ledger.bytes["state/exp_avg_sq"] == n_params * 8
     # both levels reach the logger at each outer round; the last one, after step 6, has seen every step

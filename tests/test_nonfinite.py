@@ -18,6 +18,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from torch.utils.data import DataLoader
 from lightning.pytorch.callbacks import Callback
 
 import reference as ref
@@ -27,6 +28,7 @@ from lightning_desloc import DeslocStrategy
 from lightning_desloc.comm import Comm
 from lightning_desloc.config import ARGUMENT_DOCS, DeslocConfig
 from lightning_desloc.fabric import DeslocFabricStrategy
+from lightning_desloc.nonfinite import NonfiniteGuard
 from lightning_desloc.sync import SIGNALS, DeslocSync
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -523,32 +525,135 @@ def test_trainer_raise_ends_every_rank_with_floating_point_error(tmp_path):
     assert ends[0]["global_step"] == ends[1]["global_step"]  # the same step on both ranks, no rank left waiting
 
 
+class SaveAt(Callback):
+    """Saves a checkpoint ``step{s}.ckpt`` after the optimizer steps in ``steps`` and writes down, per rank,
+    an exception the save raised (then re-raises it)."""
+
+    def __init__(self, out: str, steps: tuple[int, ...]) -> None:
+        self.out, self.steps = out, steps
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        if trainer.global_step in self.steps:
+            try:
+                trainer.save_checkpoint(f"{self.out}/step{trainer.global_step}.ckpt")
+            except Exception as err:
+                torch.save({"exception": (type(err).__name__, str(err)), "global_step": trainer.global_step},
+                           f"{self.out}/raised{trainer.global_rank}.pt")
+                raise
+
+
+def fit_with_saves(out: Path, mode: str, n_calls: int) -> None:
+    strategy = DeslocStrategy(param_sync_every=TWO.param_sync_every, state_sync_every=TWO.state_sync_every,
+                              on_nonfinite=mode, start_method=START_METHOD)
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_epochs=1, limit_val_batches=0,
+                        use_distributed_sampler=False, enable_progress_bar=False, logger=False,
+                        enable_checkpointing=False, enable_model_summary=False,
+                        callbacks=[SaveAt(str(out), (4, 7)), Recorder(str(out))])
+    trainer.fit(Mlp(TWO, n_calls))
+
+
+@pytest.mark.timeout(180)
+def test_a_save_after_a_rank_went_non_finite_raises_and_writes_nothing(tmp_path):
+    """Rank 1's update 7 is infinite, after the round of step 4 and before the save of step 7: the save's
+    check finds it, every rank raises before anything is written, and the checkpoint of step 4 stays."""
+    with pytest.raises(Exception, match="FloatingPointError"):
+        fit_with_saves(tmp_path, "raise", 10)
+    for r in range(2):
+        name, message = torch.load(tmp_path / f"raised{r}.pt")["exception"]
+        assert name == "FloatingPointError" and "rank(s) [1] of 2" in message, message
+        assert "optimizer step 7" in message and "nothing was saved" in message
+    assert not list(tmp_path.glob("step7*")), "the save of step 7 left a file"
+    good = torch.load(tmp_path / "step4.ckpt", weights_only=False)
+    want = simulate(TWO, 4, 2, None)[4][0]["params"]  # after the round of step 4: every rank alike
+    torch.testing.assert_close(list(good["state_dict"].values()), want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.timeout(180)
+def test_a_save_after_a_rank_went_non_finite_heals_first_with_heal(tmp_path):
+    """The same run with "heal": the save first runs a full round over the finite rank (rank 0), so the
+    checkpoint of step 7 holds rank 0's parameters and states, and both ranks go on from them."""
+    fit_with_saves(tmp_path, "heal", 8)
+    saved = torch.load(tmp_path / "step7.ckpt", weights_only=False)
+    want = simulate(TWO, 7, 2, None)[7][0]  # rank 0 after step 7: no round since step 4, nothing NaN yet
+    torch.testing.assert_close(list(saved["state_dict"].values()), want["params"], rtol=1e-10, atol=1e-12)
+    state = saved["optimizer_states"][0]["state"]
+    for key in ("exp_avg", "exp_avg_sq"):
+        torch.testing.assert_close([state[i][key] for i in sorted(state)], want["state"][key], rtol=1e-10, atol=1e-12)
+    runs = [torch.load(tmp_path / f"rank{r}.pt")["history"] for r in range(2)]
+    # recorded right after the save (SaveAt runs first): rank 1 was healed with rank 0's values
+    assert finite(runs[1][7]) and all(torch.equal(a, b) for a, b in zip(runs[0][7]["params"], runs[1][7]["params"]))
+    assert all(finite(run[8]) for run in runs)
+
+
+class ValidatedMlp(Mlp):
+    """Validates on one batch and writes down, per rank, the parameters validation saw."""
+
+    out = ""
+
+    def val_dataloader(self):
+        return DataLoader([ref.make_batch(0, 99, self.cfg.seed)], batch_size=None)
+
+    def validation_step(self, batch, batch_idx):
+        torch.save({"global_step": self.trainer.global_step, "params": [p.detach().clone() for p in self.parameters()]},
+                   f"{self.out}/validated{self.global_rank}.pt")
+
+
+def fit_with_validation(out: Path, mode: str) -> None:
+    """TWO (rank 1's update 7 infinite) with a consensus validation after step 7, between rounds."""
+    strategy = DeslocStrategy(param_sync_every=TWO.param_sync_every, state_sync_every=TWO.state_sync_every,
+                              on_nonfinite=mode, start_method=START_METHOD)
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_steps=7, limit_val_batches=1,
+                        num_sanity_val_steps=0, use_distributed_sampler=False, enable_progress_bar=False,
+                        logger=False, enable_checkpointing=False, enable_model_summary=False)
+    model = ValidatedMlp(TWO, 7)
+    model.out = str(out)
+    trainer.fit(model)
+
+
+@pytest.mark.timeout(180)
+def test_consensus_validation_after_a_rank_went_non_finite_raises_or_validates_the_finite_mean(tmp_path):
+    """Validation after step 7 averages the parameters: "raise" stops every rank before that average,
+    "heal" validates the finite rank's parameters (rank 0's after step 7, from the simulator)."""
+    with pytest.raises(Exception, match="FloatingPointError"):
+        fit_with_validation(tmp_path, "raise")
+    assert not list(tmp_path.glob("validated*"))
+    fit_with_validation(tmp_path, "heal")
+    want = simulate(TWO, 7, 2, None)[7][0]["params"]  # rank 0 after step 7: no round since step 4
+    for r in range(2):
+        seen = torch.load(tmp_path / f"validated{r}.pt")
+        assert seen["global_step"] == 7
+        torch.testing.assert_close(seen["params"], want, rtol=1e-10, atol=1e-12)
+
+
 # --------------------------------------------------------------------------- configuration
-@pytest.mark.parametrize("others, named", [
-    (dict(compression="bf16"), "compression"),
-    (dict(outer_lr=0.7), "outer_lr"),
-    (dict(max_drift=0.1), "max_drift"),
-    (dict(param_sync_every="auto", state_sync_every=None), "param_sync_every='auto'"),
-    (dict(state_policy="reset", state_sync_every=None), "state_policy='reset'"),
-    (dict(ddp_warmup_steps=3), "ddp_warmup_steps"),
-    (dict(group_size=2), "group_size"),
+@pytest.mark.parametrize("others, policy, per_slot", [
+    (dict(compression="bf16"), "average", 1),
+    (dict(outer_lr=0.7), "average", 1),
+    (dict(max_drift=0.1), "average", 1),
+    (dict(param_sync_every="auto", state_sync_every=None), "average", 1),
+    (dict(state_policy="reset", state_sync_every=None), "reset", 1),
+    (dict(state_policy="keep_local", state_sync_every=None), "keep_local", 1),
+    (dict(ddp_warmup_steps=3), "average", 1),
+    (dict(group_size=2), "average", 2),
+    (dict(group_size=3, shard_within_group=True), "average", 3),
 ])
-def test_combinations_it_cannot_guard_yet_are_errors_naming_the_conflict(others, named):
+def test_the_guard_is_built_with_every_other_mechanism(others, policy, per_slot):
+    """Each combination that used to be refused builds a guard that knows the state policy (how it heals)
+    and how many ranks stand behind one slot (a group's, with group_size); what it does is checked on real
+    processes in test_nonfinite_combinations.py."""
     arguments = dict(param_sync_every=4, state_sync_every=8, on_nonfinite="heal")
     arguments.update(others)
-    with pytest.raises(ValueError, match="on_nonfinite='heal' cannot be combined with") as err:
-        DeslocConfig.from_arguments(**arguments)
-    assert named in str(err.value) and "on_nonfinite=None" in str(err.value)
+    guard = DeslocSync(DeslocConfig.from_arguments(**arguments)).options[0]
+    assert isinstance(guard, NonfiniteGuard)
+    assert (guard.mode, guard.state_policy, guard.ranks_per_slot) == ("heal", policy, per_slot)
 
 
 def test_config_values_and_signatures():
     with pytest.raises(ValueError, match="on_nonfinite must be None, 'heal' or 'raise', got 'skip'"):
         DeslocConfig(on_nonfinite="skip")
-    with pytest.raises(ValueError, match="keep_local"):
-        DeslocConfig(state_policy="keep_local", on_nonfinite="heal")
-    assert DeslocConfig(state_policy="keep_local", on_nonfinite="raise").on_nonfinite == "raise"
-    assert DeslocConfig().on_nonfinite is None
+    assert DeslocConfig().on_nonfinite == "raise"  # the default: no rank ever holds a NaN from another
+    assert DeslocStrategy().config.on_nonfinite == "raise" and DeslocFabricStrategy().core.config.on_nonfinite == "raise"
     assert DeslocStrategy(on_nonfinite="raise").config.on_nonfinite == "raise"
     assert DeslocFabricStrategy(on_nonfinite="heal").core.config.on_nonfinite == "heal"
     assert "on_nonfinite" in ARGUMENT_DOCS and "on_nonfinite:" in (DeslocStrategy.__doc__ or "")
-    assert DeslocSync(DeslocConfig()).options == []  # None: no guard, nothing extra in any round
+    assert DeslocSync(DeslocConfig(on_nonfinite=None)).options == []  # None: no guard, nothing extra in any round

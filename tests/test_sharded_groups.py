@@ -76,8 +76,9 @@ class _Counting:
 
 
 class ShardProbe(L.LightningModule):
-    def __init__(self, out_dir, tag, user_shards=False):
+    def __init__(self, out_dir, tag, user_shards=False, poison=None):
         super().__init__()
+        self.poison = poison  # (rank, batch index): that rank's loss is made infinite there
         torch.manual_seed(0)  # every rank, every run: the same weights (group 0 must initialise alike)
         self.net = torch.nn.Sequential(torch.nn.Linear(IN, HIDDEN), torch.nn.Tanh(), torch.nn.Linear(HIDDEN, OUT)).double()
         self.out_dir, self.tag, self.user_shards = out_dir, tag, user_shards
@@ -102,7 +103,8 @@ class ShardProbe(L.LightningModule):
         return DataLoader([batch_for(rank, s) for s in range(STEPS)], batch_size=None)
 
     def training_step(self, batch, batch_idx):
-        return torch.nn.functional.mse_loss(self.net(batch[0]), batch[1])
+        loss = torch.nn.functional.mse_loss(self.net(batch[0]), batch[1])
+        return loss * float("inf") if self.poison == (self.global_rank, batch_idx) else loss
 
     def val_dataloader(self):
         return DataLoader([batch_for(self.trainer.global_rank, 99)], batch_size=None)
@@ -158,6 +160,11 @@ def _fits(rank, world_size, out_dir):
     os.environ["LOCAL_RANK"] = str(rank)
     _trainer(STEPS, param_sync_every=K_X).fit(ShardProbe(out_dir, "ddp"))  # the unsharded reference
     _trainer(STEPS, param_sync_every=K_X, shard_within_group=True).fit(ShardProbe(out_dir, "fsdp"))
+    # on_nonfinite="heal" with rank 2's loss infinite at step 3: FSDP2 (or DDP) inside group 1 spreads it to
+    # rank 3, step 4's outer round (params, exp_avg) leaves group 1 out, step 5's full round heals exp_avg_sq
+    for tag, sharded in (("ddp-heal", False), ("fsdp-heal", True)):
+        _trainer(STEPS, param_sync_every=K_X, shard_within_group=sharded, on_nonfinite="heal").fit(
+            ShardProbe(out_dir, tag, poison=(2, 2)))
     # sharded by the module in configure_model; consensus validation after steps 2 and 4 (between averages),
     # and 4 steps end between averages (K_x = 3): the end-of-fit consensus
     trainer = _trainer(4, dict(limit_val_batches=1, val_check_interval=2, num_sanity_val_steps=0), param_sync_every=3, shard_within_group=True)
@@ -184,6 +191,7 @@ def runs(tmp_path_factory):
     assert all((out / f"done{r}.pt").exists() for r in range(WORLD))
     load = lambda tag: [torch.load(out / f"{tag}{r}.pt") for r in range(WORLD)]  # noqa: E731
     return {"ddp": load("ddp"), "fsdp": load("fsdp"), "user": load("user"),
+            "ddp-heal": load("ddp-heal"), "fsdp-heal": load("fsdp-heal"),
             "main": torch.load(out / "main_process_weights.pt")}
 
 
@@ -211,6 +219,28 @@ def test_every_shard_equals_the_unsharded_groups_after_every_step(runs):
             torch.testing.assert_close(a, _rows(b, position), rtol=1e-12, atol=1e-12)
 
 
+def test_heal_on_shards_equals_heal_of_the_unsharded_groups_after_every_step(runs):
+    """The unsharded heal is checked against a simulator in test_nonfinite_combinations.py; the sharded one
+    must give every rank the matching rows of it: the NaN of group 1 (step 3) is left out of step 4's outer
+    round at every shard position, and step 5's full round heals the state that round did not carry."""
+    plain, sharded = runs["ddp-heal"], runs["fsdp-heal"]
+    nan_at_3 = [not all(bool(torch.isfinite(p).all()) for p in r["history"][3]["params"]) for r in plain]
+    assert nan_at_3 == [False, False, True, True]  # the infinite gradient reached rank 3 through the group
+    for rank in range(WORLD):
+        position = rank % G_SIZE
+        for step, (g, w) in enumerate(zip(sharded[rank]["history"], plain[rank]["history"])):
+            for a, b in zip(g["params"], w["params"]):
+                torch.testing.assert_close(a, _rows(b, position), rtol=1e-12, atol=1e-12, equal_nan=True,
+                                           msg=f"rank {rank} step {step}")
+            for key in g.get("state", {}):
+                for a, b in zip(g["state"][key], w["state"][key]):
+                    torch.testing.assert_close(a, _rows(b, position), rtol=1e-12, atol=1e-12, equal_nan=True,
+                                               msg=f"{key} rank {rank} step {step}")
+        last = sharded[rank]["history"][STEPS]
+        assert all(bool(torch.isfinite(t).all()) for t in [*last["params"], *sum(last["state"].values(), [])])
+        assert all(bool(torch.isfinite(t).all()) for t in sharded[rank]["history"][4]["params"])
+
+
 def test_bytes_across_groups_are_the_local_shards(runs):
     plain, sharded = runs["ddp"], runs["fsdp"]
     rounds = {"params": STEPS // K_X, "state/exp_avg": STEPS // STATES["exp_avg"],
@@ -225,7 +255,9 @@ def test_bytes_across_groups_are_the_local_shards(runs):
         # counted at torch.distributed on the replicate group (the ranks at this position): the ledger's bytes
         replicate = [rank % G_SIZE + k * G_SIZE for k in range(WORLD // G_SIZE)]
         counted, calls = sharded[rank]["dist_bytes"], sharded[rank]["dist_calls"]
-        signals = (STEPS // K_X) * 4  # one float32 after each outer round (the rest of "control" is world-wide)
+        # the control tensor after each outer round: the signal and on_nonfinite's flag per group, 3 float32
+        # (the rest of "control" is world-wide)
+        signals = (STEPS // K_X) * (1 + WORLD // G_SIZE) * 4
         assert counted[f"all_reduce{replicate}"] == sum(led[c] for c in rounds) + signals, (rank, counted)
         assert counted[f"broadcast{replicate}"] == led["setup"]
         # inside the group: FSDP2's reduce-scatter every step (one fully_shard unit), the core sends no gradient
@@ -275,7 +307,6 @@ def test_user_sharding_in_configure_model_ends_on_the_consensus(runs):
     (dict(shard_within_group=True, group_size=2, state_policy="reset"), "state_policy='reset'"),
     (dict(shard_within_group=True, group_size=2, param_sync_every=8, fragments=2), "fragments"),
     (dict(shard_within_group=True, group_size=2, param_sync_every=8, overlap_steps=2), "overlap_steps"),
-    (dict(shard_within_group=True, group_size=2, on_nonfinite="raise"), "on_nonfinite"),
     (dict(shard_within_group="yes", group_size=2), "True or False"),
 ])
 def test_clear_errors_at_construction(kwargs, match):
