@@ -37,8 +37,9 @@ What :class:`~lightning_desloc.DeslocStrategy` does with ``shard_within_group=Tr
    ``training_step``, not its ``forward``); then :func:`check_sharded`, the groups from the mesh, and
    :func:`broadcast_group_zero`.
 
-Not yet (clear errors): checkpoints (save and resume), compression, ``overlap_steps``, ``fragments``,
-``outer_lr``, ``max_drift``, ``"auto"``, ``ddp_warmup_steps``, ``state_policy="reset"``, ``on_nonfinite``,
+Checkpoints: :mod:`lightning_desloc.sharded_checkpoint` (a DCP consensus plus each rank's own shards).
+Not yet (clear errors): compression, ``overlap_steps``, ``fragments``,
+``outer_lr``, ``max_drift``, ``"auto"``, ``ddp_warmup_steps``, ``state_policy="reset"``,
 ``group_param_sync_every > 1``; see ``docs/sharded.md``.
 """
 
@@ -59,8 +60,6 @@ if TYPE_CHECKING:
 #: the mesh's dims: across groups (DES-LOC), within a group (FSDP2)
 REPLICATE, SHARD = "replicate", "shard"
 
-#: what to pass to a Trainer that would save checkpoints (named in the errors)
-NO_CHECKPOINTS = "Trainer(enable_checkpointing=False)"
 
 
 def _dtensor_type() -> Any:
@@ -178,22 +177,3 @@ def local_storage_bytes(tensors: Sequence[Tensor]) -> int:
         storage = local_tensor(t).untyped_storage()
         seen[storage.data_ptr()] = storage.nbytes()
     return sum(seen.values())
-
-
-def check_no_checkpoints(trainer: Any) -> None:
-    """Raise when the Trainer has a checkpoint callback (saves on shards are not implemented yet), before
-    the first epoch end would crash on it."""
-    callbacks = list(getattr(trainer, "checkpoint_callbacks", []) or [])
-    if callbacks:
-        raise NotImplementedError(
-            f"DeslocStrategy(shard_within_group=True) cannot save checkpoints yet, and this Trainer has "
-            f"{[type(c).__name__ for c in callbacks]}, which would save at the first epoch end. Pass "
-            f"{NO_CHECKPOINTS} (and no ModelCheckpoint callback)."
-        )
-
-
-def no_checkpoints_error(what: str) -> NotImplementedError:
-    return NotImplementedError(
-        f"DeslocStrategy(shard_within_group=True) cannot {what} checkpoints yet (a consensus in torch's distributed "
-        f"checkpoint format is planned). Train with {NO_CHECKPOINTS}, or with shard_within_group=False."
-    )

@@ -6,7 +6,8 @@ import logging
 import math
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any, Callable, Literal, Optional, Union
 
@@ -27,7 +28,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from lightning_desloc import checkpoint as desloc_checkpoint
-from lightning_desloc import sharding
+from lightning_desloc import sharded_checkpoint, sharding
 from lightning_desloc.adapters import (
     MeteredCollectives,
     build_core,
@@ -76,19 +77,12 @@ def _storage_key(t: Tensor) -> tuple[int, int, torch.dtype, tuple[int, ...]]:
 class _LedgerReturningLauncher(_MultiProcessingLauncher):
     """Spawn/fork launcher that also brings rank 0's ledger and step counters back to the main process."""
 
-    def launch(self, function: Callable, *args: Any, trainer: Optional["pl.Trainer"] = None, **kwargs: Any) -> Any:
-        strategy = self._strategy
-        if (trainer is not None and isinstance(strategy, DeslocStrategy) and strategy.config.shard_within_group
-                and trainer.state.fn == TrainerFn.FITTING):
-            sharding.check_no_checkpoints(trainer)  # in the main process, before any worker starts
-        return super().launch(function, *args, trainer=trainer, **kwargs)
-
     def _collect_rank_zero_results(self, trainer: "pl.Trainer", results: Any) -> Optional[_WorkerOutput]:
         strategy = self._strategy
         if not (isinstance(strategy, DeslocStrategy) and strategy.config.shard_within_group):
             return super()._collect_rank_zero_results(trainer, results)
         # shards cannot load into the main process's unsharded module: hand it the whole (consensus) tensors,
-        # gathered inside each group on every rank (no checkpoint callback is allowed, so no best path)
+        # gathered inside each group on every rank (a best checkpoint is a directory of shards: not handed over)
         state_dict = sharding.full_state_dict(trainer.lightning_module)
         if strategy.local_rank != 0:
             return None
@@ -291,8 +285,6 @@ class DeslocStrategy(MeteredCollectives, DDPStrategy):
         """``shard_within_group=True`` (:mod:`lightning_desloc.sharding`): every rank raises the same error
         before its first collective here, so no rank waits for another."""
         assert self.model is not None and self._device_mesh is not None
-        if trainer.state.fn == TrainerFn.FITTING:
-            sharding.check_no_checkpoints(trainer)
         sharding.shard_module(self.model, self._device_mesh)
         sharding.check_sharded(self.model, self._device_mesh)
         mesh = self._device_mesh
@@ -461,13 +453,16 @@ class DeslocStrategy(MeteredCollectives, DDPStrategy):
     def save_checkpoint(
         self, checkpoint: dict[str, Any], filepath: _PATH, storage_options: Optional[Any] = None
     ) -> None:
-        if self.config.shard_within_group:
-            raise sharding.no_checkpoints_error("save")
         if storage_options is not None:
             raise TypeError(
                 "DeslocStrategy writes checkpoints itself and takes no storage_options; got "
                 f"{storage_options!r}. Save without storage_options."
             )
+        if self.config.shard_within_group:
+            assert self.model is not None
+            with self._own_values_live():  # during consensus validation: the rank's own values, not the mean
+                sharded_checkpoint.save(self.core, self.model, self.core.optimizers, checkpoint, filepath)
+            return
         live = checkpoint["state_dict"]
         # during consensus validation the live tensors hold the mean over ranks: the main file takes them
         # as they are (nothing sent for them), the shard the rank's own stashed values
@@ -487,9 +482,47 @@ class DeslocStrategy(MeteredCollectives, DDPStrategy):
         return {name: own.get(_storage_key(value), value) if isinstance(value, Tensor) else value
                 for name, value in state_dict.items()}
 
+    @contextmanager
+    def _own_values_live(self) -> Iterator[None]:
+        """During consensus validation (the live tensors hold the mean, the rank's own values are stashed):
+        put the own values back into the live tensors for the duration, then the mean again."""
+        if self._stashed_local is None:
+            yield
+            return
+        live = self._consensus_tensors()
+        means = [t.detach().clone() for t in live]
+        with torch.no_grad():
+            for t, own in zip(live, self._stashed_local):
+                t.copy_(own)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for t, mean in zip(live, means):
+                    t.copy_(mean)
+
+    @property
+    def lightning_restore_optimizer(self) -> bool:
+        # sharded groups: load_checkpoint restores the optimizers itself (through DCP), as ModelParallelStrategy
+        return not self.config.shard_within_group
+
+    def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
+        if self.config.shard_within_group and "state_dict" not in checkpoint:
+            return  # loaded by load_checkpoint, into the shards
+        super().load_model_state_dict(checkpoint, strict=strict)
+
     def load_checkpoint(self, checkpoint_path: _PATH, weights_only: Optional[bool] = None) -> dict[str, Any]:
         if self.config.shard_within_group:
-            raise sharding.no_checkpoints_error("load")
+            module = self.lightning_module
+            assert module is not None and self.model is not None
+            trainer = module._trainer
+            optimizers = self.core.optimizers if trainer is not None and trainer.state.fn == TrainerFn.FITTING else []
+            checkpoint, decision = sharded_checkpoint.load(self.core, self.model, optimizers, checkpoint_path,
+                                                           strict=module.strict_loading, info=rank_zero_info,
+                                                           warn=rank_zero_warn)
+            if optimizers:
+                self.resume_decision = decision
+            return checkpoint
         # when fitting, also restores the step counters, the ledger, the options' state and (local path)
         # the RNG, and sets resume_decision
         main, problem = desloc_checkpoint.read_main(
@@ -511,7 +544,7 @@ class DeslocStrategy(MeteredCollectives, DDPStrategy):
 
     def remove_checkpoint(self, filepath: _PATH) -> None:
         if self.is_global_zero:
-            desloc_checkpoint.remove(filepath)
+            (sharded_checkpoint if self.config.shard_within_group else desloc_checkpoint).remove(filepath)
 
     # ------------------------------------------------------------------ registration
     @classmethod

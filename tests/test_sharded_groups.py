@@ -14,7 +14,6 @@ import pytest
 import torch
 import torch.distributed as dist
 from lightning.fabric.plugins.environments import LightningEnvironment
-from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader
 
 from lightning_desloc import DeslocStrategy
@@ -103,7 +102,10 @@ class ShardProbe(L.LightningModule):
         return DataLoader([batch_for(rank, s) for s in range(STEPS)], batch_size=None)
 
     def training_step(self, batch, batch_idx):
-        loss = torch.nn.functional.mse_loss(self.net(batch[0]), batch[1])
+        # the batch of this optimizer step (the loader's batch of the same index in the first epoch), so that
+        # a run resumed mid-epoch sees the batches the uninterrupted run saw
+        x, y = batch_for(self.global_rank, self.trainer.global_step)
+        loss = torch.nn.functional.mse_loss(self.net(x), y)
         return loss * float("inf") if self.poison == (self.global_rank, batch_idx) else loss
 
     def val_dataloader(self):
@@ -147,6 +149,15 @@ class ShardProbe(L.LightningModule):
         }, f"{self.out_dir}/{self.tag}{self.global_rank}.pt")
 
 
+class SaveAt(L.Callback):
+    def __init__(self, path, step):
+        self.path, self.step = path, step
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            trainer.save_checkpoint(self.path)
+
+
 def _trainer(max_steps, trainer_kwargs=None, **kwargs):
     # in already-joined processes (LOCAL_RANK set: Lightning launches nothing), so one set of 4 workers
     # runs every fit; peer_timeout_s=None: no liveness thread per fit
@@ -174,10 +185,13 @@ def _fits(rank, world_size, out_dir):
     output = launcher._collect_rank_zero_results(trainer, None)
     if rank == 0:
         torch.save(torch.load(output.weights_path), f"{out_dir}/main_process_weights.pt")
-    # a Trainer that would save checkpoints: every rank refuses in setup, before any collective there
-    with pytest.raises(NotImplementedError, match=r"Trainer\(enable_checkpointing=False\)"):
-        _trainer(1, dict(enable_checkpointing=True), param_sync_every=3, shard_within_group=True).fit(
-            ShardProbe(out_dir, "never"))
+    # checkpoints: a save after step 6 (between rounds; exp_avg averaged at 4, exp_avg_sq not yet) that must
+    # not change the run, then a resume from it with the same layout
+    saves = SaveAt(f"{out_dir}/ckpt6", 6)
+    _trainer(STEPS, dict(callbacks=[saves]), param_sync_every=K_X, shard_within_group=True).fit(
+        ShardProbe(out_dir, "fsdp-save"))
+    _trainer(STEPS, param_sync_every=K_X, shard_within_group=True).fit(
+        ShardProbe(out_dir, "fsdp-resumed"), ckpt_path=f"{out_dir}/ckpt6")
     # sharded over the whole 2-D mesh (HSDP) in configure_model: refused before any collective of setup
     with pytest.raises(ValueError, match="HSDP"):
         _trainer(1, param_sync_every=3, shard_within_group=True).fit(ShardProbe(out_dir, "never", user_shards="hsdp"))
@@ -192,6 +206,7 @@ def runs(tmp_path_factory):
     load = lambda tag: [torch.load(out / f"{tag}{r}.pt") for r in range(WORLD)]  # noqa: E731
     return {"ddp": load("ddp"), "fsdp": load("fsdp"), "user": load("user"),
             "ddp-heal": load("ddp-heal"), "fsdp-heal": load("fsdp-heal"),
+            "fsdp-save": load("fsdp-save"), "fsdp-resumed": load("fsdp-resumed"), "out": out,
             "main": torch.load(out / "main_process_weights.pt")}
 
 
@@ -239,6 +254,51 @@ def test_heal_on_shards_equals_heal_of_the_unsharded_groups_after_every_step(run
         last = sharded[rank]["history"][STEPS]
         assert all(bool(torch.isfinite(t).all()) for t in [*last["params"], *sum(last["state"].values(), [])])
         assert all(bool(torch.isfinite(t).all()) for t in sharded[rank]["history"][4]["params"])
+
+
+def test_a_save_changes_nothing_and_a_same_layout_resume_continues_bit_for_bit(runs):
+    """The run that saved after step 6 is the run without the save; the run resumed from that save holds,
+    on every rank, exactly the uninterrupted run's local shards of the parameters after steps 6, 7, 8 and
+    of the Adam states after 7 and 8 (the local path: each rank's own shards, not the consensus)."""
+    plain, saved, resumed = runs["fsdp"], runs["fsdp-save"], runs["fsdp-resumed"]
+    for rank in range(WORLD):
+        for step, (a, b) in enumerate(zip(saved[rank]["history"], plain[rank]["history"])):
+            assert all(torch.equal(x, y) for x, y in zip(a["params"], b["params"])), (rank, step)
+        got = resumed[rank]["history"]
+        assert len(got) == 3  # the start (after the load), steps 7 and 8
+        assert all(torch.equal(x, y) for x, y in zip(got[0]["params"], plain[rank]["history"][6]["params"])), rank
+        for step in (7, 8):
+            want = plain[rank]["history"][step]
+            assert all(torch.equal(x, y) for x, y in zip(got[step - 6]["params"], want["params"])), (rank, step)
+            for key in STATES:
+                assert all(torch.equal(x, y) for x, y in zip(got[step - 6]["state"][key], want["state"][key])), \
+                    (rank, step, key)
+        # the ledger goes on from the saved one: the resumed run's bytes are the uninterrupted run's
+        assert resumed[rank]["ledger"]["params"] == plain[rank]["ledger"]["params"]
+    # the groups held different shards at step 6 (between parameter rounds): a consensus resume could not
+    # have given these values
+    assert not torch.equal(plain[0]["history"][6]["params"][0], plain[2]["history"][6]["params"][0])
+
+
+def test_the_checkpoint_is_a_dcp_directory_holding_the_consensus(runs):
+    """Read in this (non-distributed) process with torch's DCP alone: the parameters and Adam states are
+    the mean over the two groups of the unsharded run's full tensors after step 6."""
+    import torch.distributed.checkpoint as dcp
+
+    path = runs["out"] / "ckpt6"
+    assert (path / ".metadata").is_file() and (path / "meta.pt").is_file()
+    assert sorted(p.name for p in (path / "desloc").iterdir()) == [f"rank{r}.pt" for r in range(WORLD)]
+    plain = runs["ddp"]
+    names = [n for n, _ in torch.nn.Sequential(torch.nn.Linear(IN, HIDDEN), torch.nn.Tanh(),
+                                               torch.nn.Linear(HIDDEN, OUT)).named_parameters()]
+    state = {"state_dict": {f"net.{n}": torch.zeros_like(t) for n, t in zip(names, plain[0]["history"][6]["params"])}}
+    dcp.load(state, checkpoint_id=str(path))
+    for i, n in enumerate(names):
+        want = (plain[0]["history"][6]["params"][i] + plain[2]["history"][6]["params"][i]) / 2
+        torch.testing.assert_close(state["state_dict"][f"net.{n}"], want, rtol=1e-12, atol=1e-12)
+    meta = torch.load(path / "meta.pt", weights_only=False)
+    assert meta["global_step"] == 6 and meta["desloc"]["world_size"] == WORLD and meta["desloc"]["group_size"] == G_SIZE
+    assert "state_dict" not in meta and "optimizer_states" not in meta
 
 
 def test_bytes_across_groups_are_the_local_shards(runs):
@@ -323,15 +383,4 @@ def test_clear_errors_before_any_process_starts(tmp_path):
     with pytest.raises(ValueError, match="sync_batchnorm"):
         quiet_trainer(strategy=DeslocStrategy(group_size=2, shard_within_group=True, start_method="spawn"),
                       devices=4, sync_batchnorm=True)
-    # a default Trainer saves checkpoints: refused in the main process, naming the fix
-    trainer = quiet_trainer(strategy=DeslocStrategy(group_size=2, shard_within_group=True, start_method="spawn"),
-                            devices=4, max_steps=1, enable_checkpointing=True)
-    with pytest.raises(NotImplementedError, match=r"enable_checkpointing=False"):
-        trainer.fit(model)
-    trainer = quiet_trainer(strategy=DeslocStrategy(group_size=2, shard_within_group=True, start_method="spawn"),
-                            devices=4, max_steps=1, enable_checkpointing=True,
-                            callbacks=[ModelCheckpoint(dirpath=tmp_path)])
-    with pytest.raises(NotImplementedError, match="cannot save checkpoints yet"):
-        trainer.fit(model)
-    with pytest.raises(NotImplementedError, match="enable_checkpointing=False"):
-        DeslocStrategy(group_size=2, shard_within_group=True).save_checkpoint({}, tmp_path / "x.ckpt")
+    del model
