@@ -408,8 +408,9 @@ ARGUMENT_DOCS: dict[str, str] = {
         each child module with parameters. FSDP2 reduce-scatters the gradients inside the group every step;
         across groups DES-LOC averages each rank's local shard of the parameters and optimizer states on the
         usual schedule (``1/g`` of the model per rank per parameter round). Every group starts from group 0's
-        weights, so group 0's ranks must initialise alike (``seed_everything``). Not yet with checkpoints
-        (``Trainer(enable_checkpointing=False)``), compression, ``overlap_steps``, ``fragments``, ``outer_lr``,
+        weights, so group 0's ranks must initialise alike (``seed_everything``). Checkpoints are directories:
+        a DCP consensus plus each rank's own shards (:mod:`lightning_desloc.sharded_checkpoint`). Not yet with
+        compression, ``overlap_steps``, ``fragments``, ``outer_lr``,
         ``max_drift``, ``"auto"``, ``ddp_warmup_steps`` or ``state_policy="reset"``. See
         ``docs/sharded.md``.""",
     "comm_budget": """with ``param_sync_every="auto"``: the fraction of step time communication may take.""",
