@@ -125,14 +125,18 @@ def finite(snapshot: dict) -> bool:
 
 
 # --------------------------------------------------------------------------- the core on real gloo processes
-def _train_core(rank: int, cfg: ref.Config, n_calls: int, mode, comm=None, overlap: int = 0) -> dict:
+def _train_core(rank: int, cfg: ref.Config, n_calls: int, mode, comm=None, overlap: int = 0,
+                config: DeslocConfig | None = None) -> dict:
     """One rank: the reference model as plain leaf tensors, torch's Adam, the core over the world group
-    (or ``comm``: a thread of the fake)."""
+    (or ``comm``: a thread of the fake); ``config`` replaces the one built from ``cfg``, ``mode``, ``overlap``
+    (test_nonfinite_combinations.py: groups, the DDP warm-up, ...)."""
     params = [p.clone().requires_grad_(True) for p in ref.start_params(0, cfg.seed)]
     opt = torch.optim.Adam(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
-    core = DeslocSync(DeslocConfig(param_sync_every=cfg.param_sync_every, state_sync_every=cfg.state_sync_every,
-                                   fragments=cfg.fragments, on_nonfinite=mode, overlap_steps=overlap),
-                     comm=comm if comm is not None else Comm())
+    if config is None:
+        config = DeslocConfig(param_sync_every=cfg.param_sync_every, state_sync_every=cfg.state_sync_every,
+                              fragments=cfg.fragments, on_nonfinite=mode, overlap_steps=overlap)
+    core = DeslocSync(config, comm=comm if comm is not None else Comm())
+    core.setup_groups()  # nothing without group_size
     core.attach([opt])
     history = [{"params": [p.detach().clone() for p in params], "state": {}}]
     messages: list[str] = []
@@ -148,6 +152,7 @@ def _train_core(rank: int, cfg: ref.Config, n_calls: int, mode, comm=None, overl
                 loss = loss * math.inf
             opt.zero_grad()
             loss.backward()
+            core.average_gradients(opt)  # the DDP warm-up, or inside the groups every step (else nothing)
             index = core.begin_step(opt)
             opt.step()
             try:

@@ -31,7 +31,6 @@ Log messages and the step of the raise are checked against hand-worked expectati
 from __future__ import annotations
 
 import dataclasses
-import logging
 import math
 
 import pytest
@@ -39,10 +38,8 @@ import torch
 
 import reference as ref
 from helpers import run_on_processes
-from lightning_desloc.comm import Comm
 from lightning_desloc.config import AutoConfig, DeslocConfig
-from lightning_desloc.sync import DeslocSync
-from test_nonfinite import HEALTHY, NAN_TOL, PERIODS, POISONED, assert_matches, finite, simulate
+from test_nonfinite import HEALTHY, NAN_TOL, PERIODS, POISONED, _train_core, assert_matches, finite, simulate
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -140,39 +137,7 @@ def _train(rank: int, cfg: ref.Config, n_calls: int, mode, options: dict) -> dic
     config = DeslocConfig.from_arguments(**arguments)
     if auto_warmup is not None:
         config = dataclasses.replace(config, auto=AutoConfig(warmup_steps=auto_warmup))
-    params = [p.clone().requires_grad_(True) for p in ref.start_params(0, cfg.seed)]
-    opt = torch.optim.Adam(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
-    core = DeslocSync(config, comm=Comm())
-    core.setup_groups()  # nothing without group_size
-    core.attach([opt])
-    history = [{"params": [p.detach().clone() for p in params], "state": {}}]
-    messages: list[str] = []
-    handler = logging.Handler()
-    handler.emit = lambda record: messages.append(record.getMessage())  # type: ignore[method-assign]
-    logging.getLogger("lightning_desloc.nonfinite").addHandler(handler)
-    raised = None
-    try:
-        for call in range(n_calls):
-            x, y = ref.make_batch(rank, call, cfg.seed)
-            loss = ref.loss_fn(params, x, y)
-            if cfg.skips(call, rank):
-                loss = loss * math.inf
-            opt.zero_grad()
-            loss.backward()
-            core.average_gradients(opt)  # the DDP warm-up, or inside the groups every step
-            index = core.begin_step(opt)
-            opt.step()
-            try:
-                core.after_step(index, opt)
-            except FloatingPointError as err:
-                raised = (call + 1, str(err))
-                break
-            history.append({"params": [p.detach().clone() for p in params],
-                            "state": {k: [opt.state[p][k].clone() for p in params] for k in KEYS}})
-    finally:
-        logging.getLogger("lightning_desloc.nonfinite").removeHandler(handler)
-    return {"history": history, "raised": raised, "messages": messages,
-            "rounds": dict(core.ledger.rounds_by_category)}
+    return _train_core(rank, cfg, n_calls, mode, config=config)
 
 
 BF16 = {"compression": {"exp_avg": "bf16"}}
