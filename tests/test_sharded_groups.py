@@ -384,3 +384,156 @@ def test_clear_errors_before_any_process_starts(tmp_path):
         quiet_trainer(strategy=DeslocStrategy(group_size=2, shard_within_group=True, start_method="spawn"),
                       devices=4, sync_batchnorm=True)
     del model
+
+
+# --------------------------------------------------------------------------- the 4-process checkpoint, resumed on 2
+class ResumeProbe(ShardProbe):
+    """ShardProbe that also records the Adam states right after the load (what the resume restored)."""
+
+    def on_train_start(self):
+        self.history.append(self._snapshot())
+
+
+class PlainFSDPProbe(L.LightningModule):
+    """A module of Lightning's own ModelParallelStrategy (no DES-LOC): FSDP2 over the data-parallel mesh."""
+
+    def __init__(self, out_dir):
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Linear(IN, HIDDEN), torch.nn.Tanh(), torch.nn.Linear(HIDDEN, OUT)).double()
+        self.out_dir = out_dir
+
+    def configure_model(self):
+        from torch.distributed.fsdp import fully_shard
+
+        fully_shard(self.net, mesh=self.device_mesh["data_parallel"])
+
+    def val_dataloader(self):
+        return DataLoader([batch_for(0, 99)], batch_size=None)
+
+    def validation_step(self, batch, batch_idx):
+        full = [p.full_tensor().clone() for p in self.parameters()]
+        torch.save({"full": full, "types": [type(p).__name__ for p in self.parameters()]},
+                   f"{self.out_dir}/modelparallel{self.global_rank}.pt")
+
+
+RESUMED_WORLD = 3  # FSDP2 over 3 ranks splits the rows unevenly (8 -> 3, 3, 2 and 2 -> 1, 1, 0)
+
+
+def _resumed_fits(rank, world_size, out_dir):
+    """3 processes resume the 4-process checkpoint ckpt6 (2 groups of 2): into 1 group of 3 and into 3 groups
+    of 1 (both the consensus path: another layout), and Lightning's ModelParallelStrategy validates it."""
+    os.environ["LOCAL_RANK"] = str(rank)
+    for tag, group_size in (("one-group", RESUMED_WORLD), ("singles", 1)):
+        strategy = DeslocStrategy(group_size=group_size, shard_within_group=True, param_sync_every=K_X,
+                                  state_sync_every=STATES, peer_timeout_s=None, cluster_environment=LightningEnvironment())
+        trainer = quiet_trainer(strategy=strategy, devices=world_size, max_steps=STEPS, limit_val_batches=0)
+        trainer.fit(ResumeProbe(out_dir, tag), ckpt_path=f"{out_dir}/ckpt6")
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    trainer = quiet_trainer(strategy=ModelParallelStrategy(data_parallel_size=world_size, tensor_parallel_size=1),
+                            devices=world_size)
+    trainer.validate(PlainFSDPProbe(out_dir), ckpt_path=f"{out_dir}/ckpt6")
+    torch.save("done", f"{out_dir}/resumed-done{rank}.pt")
+
+
+@pytest.fixture(scope="module")
+def resumed(runs):
+    out = runs["out"]
+    run_on_processes(_resumed_fits, RESUMED_WORLD, str(out))
+    assert all((out / f"resumed-done{r}.pt").exists() for r in range(RESUMED_WORLD))
+    load = lambda tag: [torch.load(out / f"{tag}{r}.pt") for r in range(RESUMED_WORLD)]  # noqa: E731
+    return {"one-group": load("one-group"), "singles": load("singles"), "modelparallel": load("modelparallel")}
+
+
+def _consensus_at_6(runs):
+    """The expectation, from the unsharded 4-process run: the mean of its two groups' full tensors after
+    step 6 (ranks 0 and 2 hold their groups' values)."""
+    a, b = runs["ddp"][0]["history"][6], runs["ddp"][2]["history"][6]
+    return {"params": [(x + y) / 2 for x, y in zip(a["params"], b["params"])],
+            "state": {k: [(x + y) / 2 for x, y in zip(a["state"][k], b["state"][k])] for k in STATES}}
+
+
+def _adam_steps(start, gradient_batches, steps_done):
+    """A small reference, independent of the strategy: torch's Adam (lr 0.05) on the full model from
+    ``start`` (params and states after ``steps_done`` steps), one step per entry of ``gradient_batches``,
+    each the mean gradient over that entry's batches. Returns the params and states after each step."""
+    net = torch.nn.Sequential(torch.nn.Linear(IN, HIDDEN), torch.nn.Tanh(), torch.nn.Linear(HIDDEN, OUT)).double()
+    params = list(net.parameters())
+    with torch.no_grad():
+        for p, v in zip(params, start["params"]):
+            p.copy_(v)
+    opt = torch.optim.Adam(params, lr=0.05)
+    for i, p in enumerate(params):
+        opt.state[p] = {"step": torch.tensor(float(steps_done)),
+                        **{k: start["state"][k][i].clone() for k in STATES}}
+    after = []
+    for batches in gradient_batches:
+        opt.zero_grad()
+        loss = sum(torch.nn.functional.mse_loss(net(x), y) for x, y in batches) / len(batches)
+        loss.backward()
+        opt.step()
+        after.append({"params": [p.detach().clone() for p in params],
+                      "state": {k: [opt.state[p][k].clone() for p in params] for k in STATES}})
+    return after
+
+
+def _chunk(full, position, size):
+    """The rows FSDP2 keeps at ``position`` of ``size`` ranks: ``torch.chunk``'s split (uneven when ``size``
+    does not divide the rows; the last positions may hold none)."""
+    chunks = torch.chunk(full, size, dim=0)
+    return chunks[position] if position < len(chunks) else full[:0]
+
+
+def _assert_rows(got, want, position, size, msg):
+    """``got`` (a rank's local shards) are the rows of ``want`` (full tensors) at ``position`` of ``size``."""
+    for a, b in zip(got["params"], want["params"]):
+        torch.testing.assert_close(a, _chunk(b, position, size), rtol=1e-12, atol=1e-12, msg=msg)
+    for key in got.get("state", {}):
+        for a, b in zip(got["state"][key], want["state"][key]):
+            torch.testing.assert_close(a, _chunk(b, position, size), rtol=1e-12, atol=1e-12, msg=f"{msg} {key}")
+
+
+def test_two_groups_resume_into_one_group_of_three_from_the_consensus(resumed, runs):
+    """Another layout: the consensus path. The 3 ranks (one group, FSDP2 over 3: uneven shards) start from
+    their rows of the mean of the two saved groups, with Adam's step counter at 6; steps 7 and 8 are then
+    plain data parallelism over 3 ranks, which the reference computes with torch's Adam on the mean gradient."""
+    start = _consensus_at_6(runs)
+    want = [start, *_adam_steps(start, [[batch_for(r, s) for r in range(RESUMED_WORLD)] for s in (6, 7)], 6)]
+    for rank, got in enumerate(resumed["one-group"]):
+        assert len(got["history"]) == 3
+        # one group: nothing crosses groups, the ledger is the saved one (see the next test)
+        assert {k: got["ledger"].get(k, 0) for k in ("params", "state/exp_avg", "state/exp_avg_sq", "checkpoint")} \
+            == {"params": N_LOCAL * 8, "state/exp_avg": N_LOCAL * 8, "state/exp_avg_sq": 0, "checkpoint": 3 * N_LOCAL * 8}
+        for step, (g, w) in enumerate(zip(got["history"], want)):
+            _assert_rows(g, w, rank, RESUMED_WORLD, f"rank {rank} after step {6 + step}")
+
+
+def test_two_groups_resume_into_three_groups_of_one_from_the_consensus(resumed, runs):
+    """Three groups of one rank each (FSDP2 over a single rank: whole tensors): each starts from the consensus,
+    takes step 7 alone on its own batch, and step 8's round averages the parameters and both Adam states."""
+    start = _consensus_at_6(runs)
+    alone = [_adam_steps(start, [[batch_for(r, 6)], [batch_for(r, 7)]], 6) for r in range(RESUMED_WORLD)]
+    mean = lambda ts: sum(ts) / len(ts)  # noqa: E731
+    averaged = {"params": [mean(ts) for ts in zip(*(a[1]["params"] for a in alone))],
+                "state": {k: [mean(ts) for ts in zip(*(a[1]["state"][k] for a in alone))] for k in STATES}}
+    for rank, got in enumerate(resumed["singles"]):
+        assert all(t == "DTensor" for t in got["types"])
+        for step, want in enumerate((start, alone[rank][0], averaged)):
+            _assert_rows(got["history"][step], want, 0, 1, f"rank {rank} after step {6 + step}")
+    # the ledger goes on from the saved one (by hand: step 4's round of params and exp_avg, 29 float64 per
+    # rank, and the save's consensus of all three); step 8's round adds whole tensors of all three
+    saved = {"params": N_LOCAL * 8, "state/exp_avg": N_LOCAL * 8, "checkpoint": 3 * N_LOCAL * 8}
+    for got in resumed["singles"]:
+        assert {k: got["ledger"].get(k, 0) for k in (*saved, "state/exp_avg_sq")} == {
+            "params": saved["params"] + N_FULL * 8, "state/exp_avg": saved["state/exp_avg"] + N_FULL * 8,
+            "checkpoint": saved["checkpoint"], "state/exp_avg_sq": N_FULL * 8}
+
+
+def test_lightning_model_parallel_strategy_validates_the_checkpoint_without_desloc(resumed, runs):
+    """Lightning's ModelParallelStrategy (FSDP2 over 3 ranks, no DES-LOC) loads the directory in
+    ``trainer.validate(ckpt_path=...)``: its model holds the consensus."""
+    start = _consensus_at_6(runs)
+    for got in resumed["modelparallel"]:
+        assert all(t == "DTensor" for t in got["types"])
+        for a, b in zip(got["full"], start["params"]):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
