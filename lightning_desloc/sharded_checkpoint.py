@@ -49,6 +49,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import torch
 from torch import Tensor
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.nn import Module
 from torch.optim import Optimizer
 
@@ -181,11 +182,12 @@ def save(core: "DeslocSync", module: Module, optimizers: Sequence[Optimizer], ch
     except OSError as err:
         failure, own_error = _write_failure(rank, own, err), err
     del values
-    try:  # collective: DCP shares a failure of any rank with every rank
+    try:  # collective: DCP shares a failure of any rank with every rank (as a CheckpointException)
         dcp_save({"state_dict": msd, **{f"optimizer_{i}": osd for i, osd in enumerate(osds)}}, checkpoint_id=staging)
-    except Exception as err:  # noqa: BLE001 - reported to every rank below
-        if failure is None:
-            failure, own_error = _write_failure(rank, staging, err), err
+    except (Exception, CheckpointException) as err:  # noqa: BLE001 - reported to every rank below
+        mine = _own_dcp_error(err, rank)
+        if failure is None and mine is not None:
+            failure, own_error = _write_failure(rank, getattr(mine, "filename", None) or f"DCP's files in {staging}", mine), mine
     reports = comm.all_gather_object((digest, failure))
     failures = [f for _, f in reports if f is not None]
     if not failures and rank == 0:
@@ -207,6 +209,16 @@ def save(core: "DeslocSync", module: Module, optimizers: Sequence[Optimizer], ch
         if rank == 0:
             shutil.rmtree(staging, ignore_errors=True)
         _raise_write_failures(path, committed, own_error)
+
+
+def _own_dcp_error(err: BaseException, rank: int) -> Optional[BaseException]:
+    """This rank's own error in what DCP raised: DCP raises the same ``CheckpointException`` (a
+    ``BaseException``, holding every failed rank's exception) on every rank; ``None`` when this rank's part
+    succeeded (the failed ranks report theirs)."""
+    if not isinstance(err, CheckpointException):
+        return err
+    wrapped = err.failures.get(rank)
+    return None if wrapped is None else wrapped[0]
 
 
 def _move_into_place(staging: str, path: str) -> None:
@@ -276,7 +288,13 @@ def load(core: "DeslocSync", module: Module, optimizers: Sequence[Optimizer], fi
     meta = checkpoint.pop("desloc", None) or {}
     msd, osds = _state_dicts(module, optimizers)  # creates the optimizers' states if they have none yet
     state = {"state_dict": msd, **{f"optimizer_{i}": osd for i, osd in enumerate(osds)}}
-    dcp_load(state, checkpoint_id=path)
+    try:
+        dcp_load(state, checkpoint_id=path)
+    except CheckpointException as err:  # a BaseException: Lightning would not report it as an error of the fit
+        errors = "; ".join(f"rank {r}: {type(e).__name__}: {e}" for r, (e, _) in sorted(err.failures.items()))
+        raise CheckpointShardError(
+            f"DCP could not read the consensus from {path} ({errors}). The directory is incomplete or was written "
+            "by another program; resume from another checkpoint.") from None
     set_model_state_dict(module, msd, options=_options(strict))
     for opt, osd in zip(optimizers, osds):
         set_optimizer_state_dict(module, opt, osd, options=_options(strict))

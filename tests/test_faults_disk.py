@@ -181,3 +181,125 @@ def test_a_full_disk_fails_the_save_on_every_rank_and_keeps_the_previous_checkpo
         record = torch.load(resumed / "rec" / f"rank{r}.pt")
         assert record["resume"] == "local" and record["start"]["optimizer_steps"] == [3]
         assert max(record["steps"]) == 5
+
+
+# --------------------------------------------------------------------------- checkpoints of sharded groups
+class LocalShards(Callback):
+    """Rank r writes ``<out>/shards<r>.pt``: its local shards after every optimizer step, and the resume
+    path the strategy took (``resume_decision.path``)."""
+
+    def __init__(self, out: str) -> None:
+        self.out, self.steps = out, {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        from lightning_desloc.sharding import local_tensor
+
+        self.steps[trainer.global_step] = [local_tensor(p).detach().clone() for p in pl_module.parameters()]
+        # written as it goes: a fit that fails never reaches on_train_end
+        torch.save(self.steps, os.path.join(self.out, f"steps{trainer.global_rank}.pt"))
+
+    def on_train_end(self, trainer, pl_module):
+        decision = getattr(trainer.strategy, "resume_decision", None)
+        torch.save({"steps": self.steps, "resume": None if decision is None else decision.path},
+                   os.path.join(self.out, f"shards{trainer.global_rank}.pt"))
+
+
+class FillDiskSharded(Callback):
+    """As :class:`FillDisk`, for a checkpoint directory: after step ``at_step`` rank 0 records the disk and
+    fills it, leaving room for nothing (``"everything"``) or for the ranks' own files of the last save
+    with a page of slack each (``"rank files"``), so that DCP's data files are what cannot be written."""
+
+    def __init__(self, disk: str, out: str, at_step: int, leave: str) -> None:
+        self.disk, self.out, self.at_step, self.leave = disk, out, at_step, leave
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step != self.at_step:
+            return
+        if trainer.global_rank == 0:
+            disk = Path(self.disk)
+            before = files_under(disk)
+            sizes = {name: (disk / name).stat().st_size for name in before}
+            Path(self.out, "before.json").write_text(json.dumps({"sha256": before, "bytes": sizes}))
+            with open(disk / FILLER, "wb", buffering=0) as f:
+                try:
+                    while True:
+                        f.write(b"\0" * PAGE)
+                except OSError as err:
+                    assert err.errno == errno.ENOSPC
+            if self.leave == "rank files":
+                own = [n for n in sizes if n.startswith(os.path.join("ckpt.ckpt", "desloc"))]
+                data = [n for n in sizes if n.endswith(".distcp")]
+                assert len(own) == 2 and len(data) == 2
+                free = sum(_pages(sizes[n]) + 1 for n in own) * PAGE
+                assert sum(_pages(sizes[n]) for n in data) > len(own), "DCP's files would fit into the slack"
+                os.truncate(disk / FILLER, os.path.getsize(disk / FILLER) - free)
+        trainer.strategy.barrier("filled")
+
+
+class StepNet(Net):
+    """Net whose step s trains on batch s (mod the epoch's batches), whatever the loader yields: a fit
+    resumed mid-epoch restarts a plain loader at its first batch, and must still see the failed run's."""
+
+    def train_dataloader(self):
+        # the batches without iterating a DataLoader (a new iterator draws its seed from the global RNG: after
+        # the restore in the resumed run, before step 1 in the failed one; the dropout masks would differ)
+        x, y = super().train_dataloader().dataset.tensors
+        self.batches = list(zip(x.split(4), y.split(4)))
+        return self.batches
+
+    def training_step(self, batch, batch_idx):
+        return super().training_step(self.batches[self.trainer.global_step % len(self.batches)], batch_idx)
+
+
+def sharded_trainer(out: Path, disk: Path, callbacks=(), epochs: int = 2) -> L.Trainer:
+    # 2 groups of 1 rank (FSDP2 over one rank): DES-LOC across the groups, checkpoints as DCP directories
+    checkpoint = RecordingCheckpoint(str(out), dirpath=str(disk), filename="ckpt", save_top_k=1,
+                                     every_n_train_steps=3, enable_version_counter=False)
+    strategy = DeslocStrategy(**PERIODS, group_size=1, shard_within_group=True, start_method=START_METHOD)
+    return L.Trainer(accelerator="cpu", devices=2, max_epochs=epochs, logger=False, enable_progress_bar=False,
+                     enable_model_summary=False, use_distributed_sampler=False, num_sanity_val_steps=0,
+                     default_root_dir=str(out), strategy=strategy, callbacks=[checkpoint, LocalShards(str(out)), *callbacks])
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("leave", ["everything", "rank files"])
+def test_a_full_disk_fails_a_sharded_save_on_every_rank_and_keeps_the_previous_directory(small_disk, tmp_path, leave):
+    """The same for ``shard_within_group=True``, whose checkpoint is a directory (DCP + meta.pt + the ranks'
+    own files): every rank raises at step 6, the step-3 directory is unchanged byte for byte, no staging
+    directory is left, and the fit resumes from it on the local path, bit for bit as the failed run went."""
+    out = tmp_path / "run"
+    out.mkdir()
+    L.seed_everything(0)
+    with pytest.raises(Exception, match="No space left on device"):
+        sharded_trainer(out, small_disk, [FillDiskSharded(str(small_disk), str(out), at_step=4, leave=leave)]).fit(
+            StepNet(hidden=HIDDEN))
+    raised = [torch.load(out / f"raised{r}.pt") for r in range(2)]
+    for r, err in enumerate(raised):
+        assert err["type"] == "CheckpointWriteError" and err["isinstance_oserror"], (r, err)
+        assert err["errno"] == errno.ENOSPC and err["global_step"] == 6, (r, err)
+        message = err["message"]
+        assert "the disk is full (ENOSPC" in message and "previous checkpoint" in message, message
+        if leave == "rank files":  # the own files were written; what failed is DCP's data
+            assert "could not write DCP's files in " in message and ".ckpt.ckpt.tmp-" in message, message
+            assert "rank0.pt" not in message and "rank1.pt" not in message, message
+        else:
+            assert "rank0.pt: the disk is full" in message and "rank1.pt: the disk is full" in message, message
+
+    before = json.loads((out / "before.json").read_text())["sha256"]
+    assert any(n.endswith(".metadata") for n in before) and any(n.endswith("meta.pt") for n in before)
+    assert files_under(small_disk) == before
+    assert sorted(os.listdir(small_disk)) == sorted([FILLER, "ckpt.ckpt"])  # no staging directory left
+
+    os.remove(small_disk / FILLER)
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    L.seed_everything(0)
+    sharded_trainer(resumed, small_disk).fit(StepNet(hidden=HIDDEN), ckpt_path=str(small_disk / "ckpt.ckpt"))
+    for r in range(2):
+        got = torch.load(resumed / f"shards{r}.pt")
+        assert got["resume"] == "local" and min(got["steps"]) == 4
+        # the failed run went on to step 6 (its save failed after the step): steps 4 to 6 again, bit for bit
+        failed = torch.load(out / f"steps{r}.pt")
+        assert sorted(failed) == [1, 2, 3, 4, 5, 6]
+        for step in (4, 5, 6):
+            assert all(torch.equal(a, b) for a, b in zip(got["steps"][step], failed[step])), (r, step)
