@@ -58,7 +58,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from netns import parse_rate  # noqa: F401  (part of this module's interface)
-from netns import raise_exit as _raise_exit
+from netns import NamespaceLink
 from netns import sh as _sh
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -84,7 +84,7 @@ def can_make_delay_link() -> tuple[bool, str]:
     return True, ""
 
 
-class DelayLink:
+class DelayLink(NamespaceLink):
     """Two namespaces joined by two tun devices and a delay-line forwarder; use as a context manager.
 
     ``rate``: a ``tc``-style rate string (``"100mbit"``); ``delay_ms``: the one-way delay;
@@ -99,23 +99,14 @@ class DelayLink:
                  queue_bytes: int = 8 << 20, nice: int = 0, sysctls: Optional[dict[str, str]] = None) -> None:
         global _instances
         _instances += 1
-        tag = f"{os.getpid() % 100000}{'' if _instances == 1 else _instances}"
-        self.namespaces = (f"dldl{tag}a", f"dldl{tag}b")
-        self.devices = (f"dlt{tag}a", f"dlt{tag}b")
-        self.addrs = addrs
-        self.rate, self.delay_ms, self.mtu, self.queue_bytes, self.nice = rate, delay_ms, mtu, queue_bytes, nice
+        super().__init__(rate, addrs, "dldl", "dlt", f"{os.getpid() % 100000}{'' if _instances == 1 else _instances}")
+        self.delay_ms, self.mtu, self.queue_bytes, self.nice = delay_ms, mtu, queue_bytes, nice
         self.sysctls = dict(sysctls or {})
         self.stats: Optional[dict] = None
         self.forwarder_returncode: Optional[int] = None
         self.forwarder_stderr = ""
-        self._created: list[str] = []
         self._proc: Optional[subprocess.Popen] = None
         self._stats_path: Optional[str] = None
-        self._old_handlers: dict[int, Any] = {}
-
-    @property
-    def rate_bytes_per_s(self) -> float:
-        return parse_rate(self.rate)
 
     def commands(self) -> list[str]:
         """The shell commands :meth:`up` runs (the forwarder is started after the ``tuntap add`` lines)."""
@@ -142,10 +133,7 @@ class DelayLink:
         if not ok:
             raise RuntimeError(f"cannot build the delay link: {why}")
         try:
-            for cmd in self.commands():
-                _sh(*cmd.split())
-                if cmd.startswith("ip netns add "):
-                    self._created.append(cmd.split()[-1])
+            self._run_commands()
             self._stats_path = f"/tmp/{self.namespaces[0]}-stats.json"
             if os.path.exists(self._stats_path):
                 os.unlink(self._stats_path)
@@ -193,16 +181,6 @@ class DelayLink:
 
     def forwarder_pid(self) -> Optional[int]:
         return self._proc.pid if self._proc is not None else None
-
-    def __enter__(self) -> "DelayLink":
-        for sig in (signal.SIGTERM, signal.SIGHUP):
-            self._old_handlers[sig] = signal.signal(sig, _raise_exit)
-        return self.up()
-
-    def __exit__(self, *exc: Any) -> None:
-        self.down()
-        for sig, handler in self._old_handlers.items():
-            signal.signal(sig, handler)
 
 
 def _read_line(proc: subprocess.Popen, timeout: float) -> str:

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from netns import parse_rate  # noqa: F401  (part of this module's interface)
-from netns import raise_exit as _raise_exit
+from netns import NamespaceLink
 from netns import sh as _sh
 
 REPO = Path(__file__).resolve().parent.parent
@@ -44,7 +44,7 @@ def can_make_link() -> tuple[bool, str]:
     return True, ""
 
 
-class SlowLink:
+class SlowLink(NamespaceLink):
     """Two namespaces and a rate-limited veth pair between them; use as a context manager.
 
     ``rate``, ``burst`` and ``latency`` are ``tc tbf`` arguments, applied to the egress of both ends.
@@ -53,18 +53,9 @@ class SlowLink:
 
     def __init__(self, rate: str = "100mbit", burst: str = "64kb", latency: str = "100ms",
                  addrs: tuple[str, str] = ("10.77.0.1", "10.77.0.2"), prefix: int = 24) -> None:
-        tag = f"{os.getpid() % 100000}"
-        self.namespaces = (f"dlsl{tag}a", f"dlsl{tag}b")
-        self.devices = (f"dlv{tag}a", f"dlv{tag}b")
-        self.addrs = addrs
+        super().__init__(rate, addrs, "dlsl", "dlv", f"{os.getpid() % 100000}")
         self.prefix = prefix
-        self.rate, self.burst, self.latency = rate, burst, latency
-        self._created: list[str] = []
-        self._old_handlers: dict[int, Any] = {}
-
-    @property
-    def rate_bytes_per_s(self) -> float:
-        return parse_rate(self.rate)
+        self.burst, self.latency = burst, latency
 
     def commands(self) -> list[str]:
         """The shell commands :meth:`up` runs, for the documentation."""
@@ -91,12 +82,7 @@ class SlowLink:
         if not ok:
             raise RuntimeError(f"cannot build the slow link: {why}")
         try:
-            for cmd in self.commands():
-                _sh(*cmd.split())
-                if cmd.startswith("ip netns add "):
-                    self._created.append(cmd.split()[-1])
-                elif cmd.startswith("ip link add "):
-                    self._created.append("veth:" + cmd.split()[3])
+            self._run_commands()
         except subprocess.CalledProcessError as err:
             self.down()
             raise RuntimeError(f"{' '.join(err.cmd)} failed: {err.stderr.strip()}") from err
@@ -114,16 +100,6 @@ class SlowLink:
     def qdisc_stats(self) -> list[str]:
         return [_sh("ip", "netns", "exec", ns, "tc", "-s", "qdisc", "show", "dev", dev, check=False).stdout.strip()
                 for ns, dev in zip(self.namespaces, self.devices)]
-
-    def __enter__(self) -> "SlowLink":
-        for sig in (signal.SIGTERM, signal.SIGHUP):
-            self._old_handlers[sig] = signal.signal(sig, _raise_exit)
-        return self.up()
-
-    def __exit__(self, *exc: Any) -> None:
-        self.down()
-        for sig, handler in self._old_handlers.items():
-            signal.signal(sig, handler)
 
 
 def free_port() -> int:
