@@ -198,3 +198,20 @@ def test_overlap_real_link_smoke(tmp_path):
         assert float(_table_row(out, kind)[3]) > 0
     assert "dropped 0" in out
     assert not {n for n in _netns_names() - before if n.startswith("dldl")}
+
+
+@pytest.mark.bench_smoke
+def test_sharded_smoke(tmp_path):
+    # 2 nodes x 2 ranks (over the tbf link as root, else loopback), unsharded and sharded groups of 2
+    import ast
+
+    out = _run_smoke("sharded.py", tmp_path, timeout=300)
+    assert "| run" in out and "| unsharded" in out and "| sharded" in out
+    assert _table_row(out, "unsharded")[2] == "NO" and _table_row(out, "sharded")[2] == "yes"
+    line = next(x for x in out.splitlines() if x.startswith("sharded, bytes per rank per category across groups: "))
+    per_category = ast.literal_eval(line.split(": ", 1)[1])
+    # by hand: 2 x Linear(64, 64) = 8320 float32, half of it per rank; 12 steps, K_x = 4 (3 parameter rounds),
+    # exp_avg every 3 K_x = 12 (one round), exp_avg_sq every 6 K_x = 24 (none)
+    half = 8320 // 2 * 4
+    assert per_category == {"params": [3 * half] * 4, "state/exp_avg": [half] * 4, "state/exp_avg_sq": [0] * 4}
+    assert "bytes across groups 0.50x" in out

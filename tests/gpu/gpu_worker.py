@@ -269,6 +269,50 @@ def scenario_bf16(args, out):
     return fit_once(args, out, dict(param_sync_every=2, state_sync_every=4), max_steps=4, precision="bf16-true")
 
 
+class ShardRecorder(Callback):
+    """After every optimizer step: this rank's local shards (``local_tensor``: the whole tensor when
+    unsharded) of the parameters and Adam moments, copied to the CPU."""
+
+    def __init__(self) -> None:
+        self.steps: dict[int, dict[str, list[torch.Tensor]]] = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        from lightning_desloc.sharding import local_tensor
+
+        params = list(pl_module.parameters())
+        opt = trainer.optimizers[0]
+        self.steps[trainer.global_step] = {
+            "params": [local_tensor(p).detach().cpu().clone() for p in params],
+            **{k: [local_tensor(opt.state[p][k]).detach().cpu().clone() for p in params] for k in ("exp_avg", "exp_avg_sq")}}
+
+
+def scenario_sharded(args, out):
+    """4 ranks in 2 groups of 2 (``group_size=2``): 2 epochs x 3 steps with DDP inside the groups, then the
+    same with FSDP2 inside them (``shard_within_group=True``) saving a checkpoint directory after every
+    epoch, then a fit resumed from the epoch-0 one (step 3, same layout: the local path). Epoch-based, as
+    ``scenario_checkpoint``: a plain loader resumed mid-epoch would start again at its first batch."""
+    from lightning_desloc.sharding import local_tensor
+
+    result: dict[str, Any] = {}
+    ckpts = os.path.join(out, "ckpts")
+    for tag, sharded in (("ddp", False), ("fsdp", True), ("resumed", True)):
+        L.seed_everything(0)
+        module, recorder = Tiny(n_batches=3), ShardRecorder()
+        callbacks: list[Callback] = [recorder]
+        if tag == "fsdp":  # each a directory: DCP's consensus and every rank's own shards
+            callbacks.append(ModelCheckpoint(dirpath=ckpts, every_n_epochs=1, save_top_k=-1))
+        trainer = make_trainer(args, out, dict(SCHEDULE, group_size=2, shard_within_group=sharded), max_steps=-1,
+                               callbacks=callbacks, max_epochs=2)
+        trainer.fit(module, ckpt_path=os.path.join(ckpts, "epoch=0-step=3.ckpt") if tag == "resumed" else None)
+        decision = trainer.strategy.resume_decision
+        result[tag] = {"steps": recorder.steps, "ledger_bytes": dict(trainer.strategy.ledger.bytes),
+                       "types": sorted({type(p).__name__ for p in module.parameters()}),
+                       "devices": sorted({str(local_tensor(p).device) for p in module.parameters()}),
+                       "resume": None if decision is None else decision.path}
+        result["global_rank"] = trainer.global_rank
+    return result
+
+
 def scenario_rejects_cpu(args, out):
     """The premise of the suite: under ``--backend`` a CPU tensor in a collective fails (and, with a GPU, a
     CUDA tensor works). Plain ``torch.distributed``, no Lightning."""
