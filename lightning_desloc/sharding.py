@@ -108,6 +108,12 @@ def make_mesh(world_size: int, group_size: int, device: torch.device) -> "Device
     return init_device_mesh(device.type, (world_size // group_size, group_size), mesh_dim_names=(REPLICATE, SHARD))
 
 
+def has_meta_tensors(module: Module) -> bool:
+    """Whether a parameter or buffer of ``module`` is on the meta device (built with ``torch.device("meta")``:
+    shapes only, materialised after sharding)."""
+    return any(t.is_meta for t in (*module.parameters(), *module.buffers()))
+
+
 def has_dtensor_params(module: Module) -> bool:
     return any(is_dtensor(p) for p in module.parameters())
 

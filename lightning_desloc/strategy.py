@@ -255,7 +255,8 @@ class DeslocStrategy(MeteredCollectives, DDPStrategy):
         assert self.accelerator is not None and self.model is not None
         self.accelerator.setup(trainer)
         self.precision_plugin.convert_module(self.model)
-        self.model_to_device()
+        if not (self.config.shard_within_group and sharding.has_meta_tensors(self.model)):
+            self.model_to_device()  # a model on the meta device is materialised once sharded (_setup_shards)
         self.core.comm.device = self.root_device
         if self.config.shard_within_group:
             # FSDP2 inside the groups: shard unless configure_model did, the groups from the mesh, and group
@@ -287,6 +288,12 @@ class DeslocStrategy(MeteredCollectives, DDPStrategy):
         assert self.model is not None and self._device_mesh is not None
         sharding.shard_module(self.model, self._device_mesh)
         sharding.check_sharded(self.model, self._device_mesh)
+        if sharding.has_meta_tensors(self.model):
+            # built on the meta device (configure_model): allocate the local shards and reset_parameters()
+            from lightning.fabric.utilities.init import _materialize_distributed_module
+
+            _materialize_distributed_module(self.model, self.root_device)
+            self.model_to_device()  # what was left unsharded (buffers of modules without parameters)
         mesh = self._device_mesh
         self.core.setup_groups((mesh[sharding.SHARD].get_group(), mesh[sharding.REPLICATE].get_group()))
         sharding.broadcast_group_zero(self.core, self.model, self.config.hierarchy.group_size)

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 
 from lightning_desloc import DeslocStrategy
 from lightning_desloc.config import DeslocConfig
-from lightning_desloc.sharding import local_storage_bytes, local_tensor
+from lightning_desloc.sharding import is_dtensor, local_storage_bytes, local_tensor
 from lightning_desloc.strategy import _LedgerReturningLauncher
 from helpers import quiet_trainer, run_on_processes
 
@@ -105,7 +105,8 @@ class ShardProbe(L.LightningModule):
         # the batch of this optimizer step (the loader's batch of the same index in the first epoch), so that
         # a run resumed mid-epoch sees the batches the uninterrupted run saw
         x, y = batch_for(self.global_rank, self.trainer.global_step)
-        loss = torch.nn.functional.mse_loss(self.net(x), y)
+        dtype = next(self.net.parameters()).dtype  # bfloat16 under precision="bf16-true"
+        loss = torch.nn.functional.mse_loss(self.net(x.to(dtype)), y.to(dtype))
         return loss * float("inf") if self.poison == (self.global_rank, batch_idx) else loss
 
     def val_dataloader(self):
@@ -149,6 +150,54 @@ class ShardProbe(L.LightningModule):
         }, f"{self.out_dir}/{self.tag}{self.global_rank}.pt")
 
 
+def det_init(out_features, in_features):
+    """A deterministic, position-dependent initialisation (float64), recomputed by the tests."""
+    w = torch.linspace(-2.0, 2.0, out_features * in_features, dtype=torch.float64).reshape(out_features, in_features)
+    return w.sin() * 0.5, torch.linspace(-0.1, 0.1, out_features, dtype=torch.float64)
+
+
+class DetLinear(torch.nn.Linear):
+    """Linear whose reset_parameters writes :func:`det_init`, on whole tensors and on FSDP2 shards alike
+    (each rank writes its own rows, no collective), as a model materialised from the meta device needs."""
+
+    def reset_parameters(self):
+        if self.weight.is_meta:
+            return
+        from torch.distributed.tensor import distribute_tensor
+
+        with torch.no_grad():
+            for param, full in zip((self.weight, self.bias), det_init(self.out_features, self.in_features)):
+                if is_dtensor(param):
+                    full = distribute_tensor(full.to(param.dtype), param.device_mesh, param.placements,
+                                             src_data_rank=None)
+                param.copy_(full)
+
+
+def det_net(device=None):
+    return torch.nn.Sequential(DetLinear(IN, HIDDEN, dtype=torch.float64, device=device), torch.nn.Tanh(),
+                               DetLinear(HIDDEN, OUT, dtype=torch.float64, device=device))
+
+
+class MetaProbe(ShardProbe):
+    """ShardProbe with the DetLinear net: built in __init__ (``meta=False``) or in configure_model on the
+    meta device (``meta=True``: shapes only, as for a model bigger than one device; the strategy shards it
+    and materialises it with reset_parameters)."""
+
+    def __init__(self, out_dir, tag, meta):
+        super().__init__(out_dir, tag)
+        self.meta = meta
+        self.net = None if meta else det_net()
+
+    def setup(self, stage):  # no perturbation of group 1: the meta net does not exist yet here
+        self.counting = _Counting.fresh()
+        self.history, self.validated, self.before_batch = [], [], []
+
+    def configure_model(self):
+        if self.meta and self.net is None:
+            with torch.device("meta"):
+                self.net = det_net()
+
+
 class SaveAt(L.Callback):
     def __init__(self, path, step):
         self.path, self.step = path, step
@@ -176,6 +225,18 @@ def _fits(rank, world_size, out_dir):
     for tag, sharded in (("ddp-heal", False), ("fsdp-heal", True)):
         _trainer(STEPS, param_sync_every=K_X, shard_within_group=sharded, on_nonfinite="heal").fit(
             ShardProbe(out_dir, tag, poison=(2, 2)))
+    # bf16-true: the module converted to bfloat16 before it is sharded; the rounds across groups average the
+    # bfloat16 local shards (summed in float32, rounded once)
+    for tag, sharded in (("ddp-bf16", False), ("fsdp-bf16", True)):
+        _trainer(STEPS, dict(precision="bf16-true"), param_sync_every=K_X, shard_within_group=sharded).fit(
+            ShardProbe(out_dir, tag))
+    # a net built on the meta device in configure_model, materialised by the strategy, against the same net
+    # built whole (unsharded groups)
+    _trainer(STEPS, param_sync_every=K_X).fit(MetaProbe(out_dir, "ddp-det", meta=False))
+    _trainer(STEPS, param_sync_every=K_X, shard_within_group=True).fit(MetaProbe(out_dir, "fsdp-meta", meta=True))
+    # compression="bf16" (parameters and states): coded element by element, on the shards as on the whole tensors
+    for tag, sharded in (("ddp-bf16wire", False), ("fsdp-bf16wire", True)):
+        _trainer(STEPS, param_sync_every=K_X, shard_within_group=sharded, compression="bf16").fit(ShardProbe(out_dir, tag))
     # sharded by the module in configure_model; consensus validation after steps 2 and 4 (between averages),
     # and 4 steps end between averages (K_x = 3): the end-of-fit consensus
     trainer = _trainer(4, dict(limit_val_batches=1, val_check_interval=2, num_sanity_val_steps=0), param_sync_every=3, shard_within_group=True)
@@ -207,6 +268,9 @@ def runs(tmp_path_factory):
     return {"ddp": load("ddp"), "fsdp": load("fsdp"), "user": load("user"),
             "ddp-heal": load("ddp-heal"), "fsdp-heal": load("fsdp-heal"),
             "fsdp-save": load("fsdp-save"), "fsdp-resumed": load("fsdp-resumed"), "out": out,
+            "ddp-bf16": load("ddp-bf16"), "fsdp-bf16": load("fsdp-bf16"),
+            "ddp-bf16wire": load("ddp-bf16wire"), "fsdp-bf16wire": load("fsdp-bf16wire"),
+            "ddp-det": load("ddp-det"), "fsdp-meta": load("fsdp-meta"),
             "main": torch.load(out / "main_process_weights.pt")}
 
 
@@ -234,6 +298,66 @@ def test_every_shard_equals_the_unsharded_groups_after_every_step(runs):
             torch.testing.assert_close(a, _rows(b, position), rtol=1e-12, atol=1e-12)
 
 
+def _simulate_groups(steps):
+    """A reference written from the rules, independent of the package: 2 groups of 2 ranks, each group one
+    model (DDP or FSDP2 inside a group: one step of torch's Adam, lr 0.05, on the mean gradient of its ranks'
+    batches), both starting from group 0's initial weights; right after step s the groups' parameters are
+    averaged if s % K_x == 0, and each Adam moment k if s % K_k == 0 (Adam's step counter never). Returns,
+    per step (0: the start), the groups' full parameters and moments."""
+    import copy
+
+    torch.manual_seed(0)  # as ShardProbe.__init__: group 0's weights, which setup gives group 1
+    start = torch.nn.Sequential(torch.nn.Linear(IN, HIDDEN), torch.nn.Tanh(), torch.nn.Linear(HIDDEN, OUT)).double()
+    nets = [copy.deepcopy(start) for _ in range(WORLD // G_SIZE)]
+    opts = [torch.optim.Adam(net.parameters(), lr=0.05) for net in nets]
+
+    def mean_into(tensors):
+        mean = sum(t.detach().clone() for t in tensors) / len(tensors)
+        with torch.no_grad():
+            for t in tensors:
+                t.copy_(mean)
+
+    def record():
+        return [{"params": [p.detach().clone() for p in net.parameters()],
+                 "state": {k: [opt.state[p][k].clone() for p in net.parameters()] for k in STATES if opt.state}}
+                for net, opt in zip(nets, opts)]
+
+    history = [record()]
+    for s in range(1, steps + 1):
+        for g, (net, opt) in enumerate(zip(nets, opts)):
+            opt.zero_grad()
+            ranks = range(g * G_SIZE, (g + 1) * G_SIZE)  # training_step of step s sees global_step s - 1
+            loss = sum(torch.nn.functional.mse_loss(net(x), y) for x, y in (batch_for(r, s - 1) for r in ranks))
+            (loss / G_SIZE).backward()
+            opt.step()
+        params = [list(net.parameters()) for net in nets]
+        for i in range(len(params[0])):
+            if s % K_X == 0:
+                mean_into([ps[i] for ps in params])
+            for key, period in STATES.items():
+                if s % period == 0:
+                    mean_into([opt.state[ps[i]][key] for opt, ps in zip(opts, params)])
+        history.append(record())
+    return history
+
+
+def test_every_shard_equals_the_reference_simulator_after_every_step(runs):
+    want = _simulate_groups(STEPS)
+    for rank in range(WORLD):
+        group, position = rank // G_SIZE, rank % G_SIZE
+        for step, got in enumerate(runs["fsdp"][rank]["history"]):
+            ref = want[step][group]
+            for a, b in zip(got["params"], ref["params"]):
+                torch.testing.assert_close(a, _rows(b, position), rtol=1e-10, atol=1e-12, msg=f"rank {rank} step {step}")
+            for key in got.get("state", {}):
+                for a, b in zip(got["state"][key], ref["state"][key]):
+                    torch.testing.assert_close(a, _rows(b, position), rtol=1e-10, atol=1e-12,
+                                               msg=f"{key} rank {rank} step {step}")
+    # the groups really differ between rounds (or the comparison would say little about the schedule)
+    assert not torch.equal(want[3][0]["params"][0], want[3][1]["params"][0])
+    assert not torch.equal(want[5][0]["state"]["exp_avg_sq"][0], want[5][1]["state"]["exp_avg_sq"][0])
+
+
 def test_heal_on_shards_equals_heal_of_the_unsharded_groups_after_every_step(runs):
     """The unsharded heal is checked against a simulator in test_nonfinite_combinations.py; the sharded one
     must give every rank the matching rows of it: the NaN of group 1 (step 3) is left out of step 4's outer
@@ -254,6 +378,69 @@ def test_heal_on_shards_equals_heal_of_the_unsharded_groups_after_every_step(run
         last = sharded[rank]["history"][STEPS]
         assert all(bool(torch.isfinite(t).all()) for t in [*last["params"], *sum(last["state"].values(), [])])
         assert all(bool(torch.isfinite(t).all()) for t in sharded[rank]["history"][4]["params"])
+
+
+def test_bf16_true_shards_average_across_groups_in_two_bytes_per_element(runs):
+    """precision="bf16-true": the local shards are bfloat16 DTensors; after each parameter round (steps 4
+    and 8) the ranks at a position in the two groups hold the same shards, between rounds they differ; the
+    bytes across groups are 2 per local element per round (half the unsharded bf16 run's); and the run
+    stays near the unsharded bf16 run (not equal: FSDP2 reduce-scatters the gradients in bfloat16, the
+    unsharded groups all-reduce them summed in float32), within one Adam step (lr 0.05) per element."""
+    sharded, plain = runs["fsdp-bf16"], runs["ddp-bf16"]
+    for rank in range(WORLD):
+        assert all(t.dtype == torch.bfloat16 for t in sharded[rank]["history"][1]["params"])
+        assert all(t.dtype == torch.bfloat16 for t in plain[rank]["history"][1]["params"])
+        other = (rank + G_SIZE) % WORLD
+        for step in range(1, STEPS + 1):
+            same = all(torch.equal(a, b) for a, b in zip(sharded[rank]["history"][step]["params"],
+                                                        sharded[other]["history"][step]["params"]))
+            assert same == (step % K_X == 0), (rank, step)
+            for a, b in zip(sharded[rank]["history"][step]["params"], plain[rank]["history"][step]["params"]):
+                assert (a.double() - _rows(b, rank % G_SIZE).double()).abs().max() <= 0.05 * step, (rank, step)
+        led, ref = sharded[rank]["ledger"], plain[rank]["ledger"]
+        assert led["params"] == (STEPS // K_X) * N_LOCAL * 2 and ref["params"] == G_SIZE * led["params"]
+        assert led["state/exp_avg"] == (STEPS // STATES["exp_avg"]) * N_LOCAL * 2
+
+
+def test_bf16_compression_on_shards_equals_the_unsharded_groups_and_sends_2_bytes_per_element(runs):
+    """compression="bf16": each element is coded on its own, so every rank's local shards after every step
+    equal the rows of the unsharded compressed run; across groups 2 bytes per local element per round."""
+    plain, sharded = runs["ddp-bf16wire"], runs["fsdp-bf16wire"]
+    for rank in range(WORLD):
+        position = rank % G_SIZE
+        for step, (g, w) in enumerate(zip(sharded[rank]["history"], plain[rank]["history"])):
+            for a, b in zip(g["params"], w["params"]):
+                torch.testing.assert_close(a, _rows(b, position), rtol=1e-12, atol=1e-12, msg=f"rank {rank} step {step}")
+            for key in g.get("state", {}):
+                for a, b in zip(g["state"][key], w["state"][key]):
+                    torch.testing.assert_close(a, _rows(b, position), rtol=1e-12, atol=1e-12,
+                                               msg=f"{key} rank {rank} step {step}")
+        # and the coding did happen: the rounds differ from the exact run's
+        assert not torch.equal(sharded[rank]["history"][K_X]["params"][0], runs["fsdp"][rank]["history"][K_X]["params"][0])
+        led = sharded[rank]["ledger"]
+        for cat, n in {"params": STEPS // K_X, "state/exp_avg": STEPS // STATES["exp_avg"],
+                       "state/exp_avg_sq": STEPS // STATES["exp_avg_sq"]}.items():
+            assert led[cat] == n * N_LOCAL * 2, (rank, cat, led)
+            assert plain[rank]["ledger"][cat] == G_SIZE * led[cat]
+
+
+def test_a_model_built_on_the_meta_device_is_materialised_on_the_shards(runs):
+    """Before step 1 every rank holds its rows of det_init (reset_parameters on the shards); after every
+    step its shards equal the rows of the same net built whole and trained in unsharded groups."""
+    plain, meta = runs["ddp-det"], runs["fsdp-meta"]
+    want = [*det_init(HIDDEN, IN), *det_init(OUT, HIDDEN)]
+    for rank in range(WORLD):
+        position = rank % G_SIZE
+        assert all(t == "DTensor" for t in meta[rank]["types"])
+        for a, b in zip(meta[rank]["history"][0]["params"], want):
+            assert torch.equal(a, _rows(b, position)), rank
+        for step, (g, w) in enumerate(zip(meta[rank]["history"], plain[rank]["history"])):
+            for a, b in zip(g["params"], w["params"]):
+                torch.testing.assert_close(a, _rows(b, position), rtol=1e-12, atol=1e-12, msg=f"rank {rank} step {step}")
+            for key in g.get("state", {}):
+                for a, b in zip(g["state"][key], w["state"][key]):
+                    torch.testing.assert_close(a, _rows(b, position), rtol=1e-12, atol=1e-12,
+                                               msg=f"{key} rank {rank} step {step}")
 
 
 def test_a_save_changes_nothing_and_a_same_layout_resume_continues_bit_for_bit(runs):
@@ -359,7 +546,9 @@ def test_user_sharding_in_configure_model_ends_on_the_consensus(runs):
 @pytest.mark.parametrize("kwargs, match", [
     (dict(shard_within_group=True), "group_size is None"),
     (dict(shard_within_group=True, group_size=2, group_param_sync_every=4), "group_param_sync_every=1"),
-    (dict(shard_within_group=True, group_size=2, compression="bf16"), "does not support compression"),
+    (dict(shard_within_group=True, group_size=2, compression="int8"), "does not support compression.*int8"),
+    (dict(shard_within_group=True, group_size=2, compression={"params": "bf16", "states": "int8"}),
+     r"int8 for \['states'\]; bf16 works"),
     (dict(shard_within_group=True, group_size=2, outer_lr=0.7), "outer_lr"),
     (dict(shard_within_group=True, group_size=2, param_sync_every="auto"), "param_sync_every='auto'"),
     (dict(shard_within_group=True, group_size=2, max_drift=0.1), "max_drift"),
@@ -373,6 +562,7 @@ def test_clear_errors_at_construction(kwargs, match):
     with pytest.raises(ValueError, match=match):
         DeslocStrategy(**kwargs)
     assert DeslocConfig.from_arguments(group_size=2, shard_within_group=True).shard_within_group
+    assert DeslocConfig.from_arguments(group_size=2, shard_within_group=True, compression="bf16").compression
 
 
 def test_clear_errors_before_any_process_starts(tmp_path):
