@@ -3,6 +3,7 @@
     python benchmarks/overlap.py                         # 100 Mbit/s, 25 ms one way, K_x = 32
     python benchmarks/overlap.py --mbit 100 --latency-ms 25 --k 32 --tau 24 --steps 192
     python benchmarks/overlap.py --smoke                 # tiny model, a few steps: checks that it runs
+    python benchmarks/overlap.py --k 32 --tau 7 --fragments 4   # and both runs with fragments=4
     python benchmarks/overlap.py --link real             # the same over a real delay line (root): see below
     python benchmarks/overlap.py --link real --smoke
 
@@ -13,7 +14,11 @@ Python process, torch limited to 1 thread per rank:
   step time of the same processes under the same strategy;
 * ``blocking``: DES-LOC at ``K_x`` (paper periods: ``K_u = 3 K_x``, ``K_v = 6 K_x``), every round
   waited for in the step that made it due;
-* ``overlapped``: the same with ``overlap_steps=tau``.
+* ``overlapped``: the same with ``overlap_steps=tau``;
+* with ``--fragments F``: ``blocking, fragments`` and ``overlapped, fragments``, the same two with
+  ``fragments=F`` (a fragment of about 1/F of the parameters averaged every K_x / F steps, each state of
+  that fragment on its own period): the same bytes in all, each round about 1/F of them (the table's
+  "largest round", from the ledger).
 
 **The link is modelled, not built** (this kernel has no ``netem``, so a network namespace cannot add
 latency): in every rank, ``torch.distributed``'s collectives are wrapped so that each one still runs
@@ -158,9 +163,11 @@ class StepTimes(Callback):
 
     def on_train_end(self, trainer, pl_module):
         if trainer.global_rank == 0:
+            ledger = trainer.strategy.ledger
             Path(self.out).write_text(json.dumps({"times": self.times,
                                                   "link_busy_s": self.link.busy_s if self.link else None,
-                                                  "ledger_bytes": dict(trainer.strategy.ledger.bytes)}))
+                                                  "ledger_bytes": dict(ledger.bytes),
+                                                  "largest_round_bytes": ledger.largest_round_bytes}))
 
 
 def worker(args) -> None:
@@ -168,7 +175,8 @@ def worker(args) -> None:
     k_x = args.k if kind != "no communication" else 10**9
     real = args.link == "real"
     # real: one process per node, started by slowlink.run_two_nodes (the strategy's default popen launcher)
-    strategy = DeslocStrategy(param_sync_every=k_x, overlap_steps=args.tau if kind == "overlapped" else 0,
+    strategy = DeslocStrategy(param_sync_every=k_x, overlap_steps=args.tau if kind.startswith("overlapped") else 0,
+                              fragments=args.fragments if kind.endswith("fragments") else 1,
                               start_method="popen" if real else "spawn", log_comm=False)
     steps = args.warmup + args.steps
     nodes = {"num_nodes": 2, "devices": 1} if real else {"devices": 2}
@@ -181,6 +189,7 @@ def worker(args) -> None:
 
 # ----------------------------------------------------------------------------------------------- main
 KINDS = ("no communication", "blocking", "overlapped")
+FRAGMENT_KINDS = ("blocking, fragments", "overlapped, fragments")
 
 
 def measure(args, kind: str, link=None) -> dict:
@@ -189,7 +198,8 @@ def measure(args, kind: str, link=None) -> dict:
         out = os.path.join(tmp, "times.json")
         cmd = [sys.executable, os.path.abspath(__file__), "--worker", kind, "--out", out] + [
             f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
-            if k in ("mbit", "latency_ms", "k", "tau", "steps", "warmup", "width", "depth", "batch", "link")]
+            if k in ("mbit", "latency_ms", "k", "tau", "steps", "warmup", "width", "depth", "batch", "link",
+                     "fragments")]
         env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
         if args.link == "real":
             from slowlink import run_two_nodes
@@ -208,6 +218,7 @@ def measure(args, kind: str, link=None) -> dict:
     gaps = [b - a for a, b in zip(data["times"], data["times"][1:])][args.warmup - 1:]
     return {"mean_ms": 1e3 * statistics.fmean(gaps), "median_ms": 1e3 * statistics.median(gaps),
             "timed_steps": len(gaps), "link_busy_s": data["link_busy_s"], "ledger_bytes": data["ledger_bytes"],
+            "largest_round_bytes": data["largest_round_bytes"],
             "gaps_ms": [round(1e3 * g, 3) for g in gaps]}
 
 
@@ -230,6 +241,8 @@ def main() -> None:
     p.add_argument("--latency-ms", type=float, default=25.0, help="one-way latency, ms")
     p.add_argument("--k", type=int, default=32, help="K_x, optimizer steps")
     p.add_argument("--tau", type=int, default=None, help="overlap_steps (default K_x - 1)")
+    p.add_argument("--fragments", type=int, default=1,
+                   help="F > 1: also the blocking and overlapped runs with fragments=F (tau below K_x / F)")
     p.add_argument("--steps", type=int, default=None, help="timed steps (default 6 K_x: every round kind once)")
     p.add_argument("--warmup", type=int, default=8)
     p.add_argument("--width", type=int, default=512)
@@ -250,6 +263,7 @@ def main() -> None:
         args.k, args.width, args.depth, args.batch, args.warmup = 4, 32, 2, 8, 2
         args.steps = args.steps or 24
     args.tau = args.k - 1 if args.tau is None else args.tau
+    kinds = KINDS + (FRAGMENT_KINDS if args.fragments > 1 else ())
     args.steps = args.steps or 6 * args.k
     if args.worker:
         return worker(args)
@@ -260,16 +274,16 @@ def main() -> None:
         if not ok:
             print(f"NOTE: no delay line ({why}): both nodes on loopback, no bandwidth or latency limit; "
                   "not a link result")
-            results = {kind: measure(args, kind) for kind in KINDS}
+            results = {kind: measure(args, kind) for kind in kinds}
         else:
             load = Path("/proc/loadavg").read_text().split()[0]
             sysctls = {"net.ipv4.tcp_slow_start_after_idle": "0"} if args.no_slow_start_after_idle else {}
             with DelayLink(rate=f"{args.mbit:g}mbit", delay_ms=args.latency_ms, mtu=args.mtu,
                            sysctls=sysctls) as real_link:
-                results = {kind: measure(args, kind, real_link) for kind in KINDS}
+                results = {kind: measure(args, kind, real_link) for kind in kinds}
             forwarder = dict(real_link.stats or {}, loadavg_1min_before=load)
     else:
-        results = {kind: measure(args, kind) for kind in KINDS}
+        results = {kind: measure(args, kind) for kind in kinds}
     n_params = args.depth * (args.width * args.width + args.width)
     compute = results["no communication"]["mean_ms"]
     link = VirtualLink(args.mbit * 1e6 / 8, args.latency_ms / 1e3, world=2)
@@ -279,20 +293,30 @@ def main() -> None:
                               + state_bytes_s / (6 * args.k))
     limit = max(compute, per_step_link_ms)
     rows = []
-    for kind in KINDS:
+    for kind in kinds:
         r = results[kind]
-        rows.append([kind, args.k if kind != "no communication" else "-", args.tau if kind == "overlapped" else "-",
+        sent = sum(v for c, v in r["ledger_bytes"].items() if c == "params" or c.startswith("state/"))
+        rows.append([kind, args.k if kind != "no communication" else "-",
+                     args.tau if kind.startswith("overlapped") else "-",
+                     args.fragments if kind.endswith("fragments") else 1,
                      f"{r['mean_ms']:.1f}", f"{r['median_ms']:.1f}", f"{r['mean_ms'] / compute:.2f}x",
-                     f"{limit / compute:.2f}x" if kind != "no communication" else "-"])
+                     f"{limit / compute:.2f}x" if kind != "no communication" else "-",
+                     f"{sent / 1e6:.2f}", f"{r['largest_round_bytes'] / 1e6:.2f}"])
     what = {"model": "virtual link", "real": "LOOPBACK (no link)" if real_link is None else
             "delay line (2 nodes, tun + forwarder" + (", no slow start after idle)" if real_link.sysctls else ")")}
     print(f"2 ranks, MLP {args.depth} x {args.width} ({n_params:,} params, {4 * n_params / 1e6:.1f} MB fp32), "
           f"batch {args.batch}; {what[args.link]} {args.mbit:g} Mbit/s, {args.latency_ms:g} ms one way "
           f"(a parameter round: {1e3 * link.cost(4 * n_params):.0f} ms); {results['blocking']['timed_steps']} timed steps")
-    print(markdown_table(["run", "K_x", "tau", "mean ms/step", "median ms/step", "vs compute", "limit vs compute"], rows))
+    print(markdown_table(["run", "K_x", "tau", "F", "mean ms/step", "median ms/step", "vs compute", "limit vs compute",
+                          "MB sent per rank", "largest round (MB)"], rows))
     print(f"link time per step at K_x={args.k} (params every K_x, exp_avg every 3 K_x, exp_avg_sq every 6 K_x): "
           f"{per_step_link_ms:.1f} ms; compute {compute:.1f} ms; limit max(compute, link) = {limit:.1f} ms")
     print(f"ratio blocking / overlapped: {results['blocking']['mean_ms'] / results['overlapped']['mean_ms']:.2f}x")
+    if args.fragments > 1:
+        f_block, f_over = results["blocking, fragments"], results["overlapped, fragments"]
+        print(f"fragments={args.fragments}: largest round {f_block['largest_round_bytes'] / results['blocking']['largest_round_bytes']:.2f}x "
+              f"the unfragmented one's; mean step blocking {f_block['mean_ms'] / results['blocking']['mean_ms']:.2f}x, "
+              f"overlapped {f_over['mean_ms'] / results['overlapped']['mean_ms']:.2f}x the unfragmented runs'")
     stalls = round_stalls(results["blocking"]["gaps_ms"], args.k, args.warmup)
     model = {"params": link.cost(4 * n_params), "params + exp_avg": link.cost(8 * n_params),
              "params + exp_avg + exp_avg_sq": link.cost(12 * n_params)}

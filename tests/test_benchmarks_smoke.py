@@ -195,7 +195,7 @@ def test_overlap_real_link_smoke(tmp_path):
     out = _run_bench(tmp_path, "overlap.py", "--link", "real", timeout=400)
     assert "delay line (2 nodes, tun + forwarder)" in out and "| run" in out and "| vs compute" in out
     for kind in ("no communication", "blocking", "overlapped"):
-        assert float(_table_row(out, kind)[3]) > 0
+        assert float(_table_row(out, kind)[4]) > 0  # mean ms/step
     assert "dropped 0" in out
     assert not {n for n in _netns_names() - before if n.startswith("dldl")}
 
@@ -215,3 +215,17 @@ def test_sharded_smoke(tmp_path):
     half = 8320 // 2 * 4
     assert per_category == {"params": [3 * half] * 4, "state/exp_avg": [half] * 4, "state/exp_avg_sq": [0] * 4}
     assert "bytes across groups 0.50x" in out
+
+
+@pytest.mark.bench_smoke
+def test_overlap_fragments_smoke(tmp_path):
+    # the modelled link: blocking and overlapped, each also with fragments=2 (K_x = 4, tau = 1 < K_x / F)
+    out = _run_bench(tmp_path, "overlap.py", "--tau", "1", "--fragments", "2", timeout=400)
+    rows = {kind: _table_row(out, kind) for kind in ("blocking", "overlapped", "blocking, fragments",
+                                                      "overlapped, fragments")}
+    assert rows["blocking, fragments"][3] == "2" and rows["blocking"][3] == "1"
+    # the same bytes in all, each round about half of them (the smoke's MLP: 2 x (32 x 32 + 32) float32)
+    assert len({r[8] for r in rows.values()}) == 1
+    whole = float(rows["blocking"][9])
+    for kind in ("blocking, fragments", "overlapped, fragments"):
+        assert 0.4 * whole <= float(rows[kind][9]) <= 0.6 * whole, (kind, rows[kind])
