@@ -77,11 +77,27 @@ def _pages(nbytes: int) -> int:
 
 class FillDisk(Callback):
     """After optimizer step ``at_step`` (after the save before it), rank 0 records every file on the disk,
-    then fills the disk up, leaving room for ``leave`` ("everything": nothing; "main file": the two shards
-    of the last save, with a page of slack each, but not its main file). Then both ranks meet."""
+    then fills the disk up, leaving room for ``leave``, the files of the last save that the next one may
+    still write, with a page of slack each: ``"everything"``: nothing; ``"main file"``: the two shards
+    but not the main file; ``"rank files"`` (a sharded checkpoint directory): the ranks' own files but not
+    DCP's data files. Then both ranks meet."""
 
     def __init__(self, disk: str, out: str, at_step: int, leave: str) -> None:
         self.disk, self.out, self.at_step, self.leave = disk, out, at_step, leave
+
+    def _room(self, sizes: dict[str, int]) -> int:
+        """Bytes to leave free, checking that what must fail would not fit into them."""
+        if self.leave == "everything":
+            return 0
+        if self.leave == "main file":
+            kept = [n for n in sizes if n.endswith(".pt")]
+            assert _pages(sizes["ckpt.ckpt"]) > 2 * len(kept), "the main file would fit into the slack"
+        else:
+            kept = [n for n in sizes if n.startswith(os.path.join("ckpt.ckpt", "desloc"))]
+            data = [n for n in sizes if n.endswith(".distcp")]
+            assert len(kept) == 2 and len(data) == 2
+            assert sum(_pages(sizes[n]) for n in data) > len(kept), "DCP's files would fit into the slack"
+        return sum(_pages(sizes[n]) + 1 for n in kept) * PAGE
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if trainer.global_step != self.at_step:
@@ -97,11 +113,9 @@ class FillDisk(Callback):
                         f.write(b"\0" * PAGE)
                 except OSError as err:
                     assert err.errno == errno.ENOSPC
-            if self.leave == "main file":
-                shards = [n for n in sizes if n.endswith(".pt")]
-                free = sum(_pages(sizes[n]) + 1 for n in shards) * PAGE
-                assert _pages(sizes["ckpt.ckpt"]) > 2 * len(shards), "the main file would fit into the slack"
-                os.truncate(disk / FILLER, os.path.getsize(disk / FILLER) - free)
+            room = self._room(sizes)
+            if room:
+                os.truncate(disk / FILLER, os.path.getsize(disk / FILLER) - room)
         trainer.strategy.barrier("filled")
 
 
@@ -204,38 +218,6 @@ class LocalShards(Callback):
                    os.path.join(self.out, f"shards{trainer.global_rank}.pt"))
 
 
-class FillDiskSharded(Callback):
-    """As :class:`FillDisk`, for a checkpoint directory: after step ``at_step`` rank 0 records the disk and
-    fills it, leaving room for nothing (``"everything"``) or for the ranks' own files of the last save
-    with a page of slack each (``"rank files"``), so that DCP's data files are what cannot be written."""
-
-    def __init__(self, disk: str, out: str, at_step: int, leave: str) -> None:
-        self.disk, self.out, self.at_step, self.leave = disk, out, at_step, leave
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if trainer.global_step != self.at_step:
-            return
-        if trainer.global_rank == 0:
-            disk = Path(self.disk)
-            before = files_under(disk)
-            sizes = {name: (disk / name).stat().st_size for name in before}
-            Path(self.out, "before.json").write_text(json.dumps({"sha256": before, "bytes": sizes}))
-            with open(disk / FILLER, "wb", buffering=0) as f:
-                try:
-                    while True:
-                        f.write(b"\0" * PAGE)
-                except OSError as err:
-                    assert err.errno == errno.ENOSPC
-            if self.leave == "rank files":
-                own = [n for n in sizes if n.startswith(os.path.join("ckpt.ckpt", "desloc"))]
-                data = [n for n in sizes if n.endswith(".distcp")]
-                assert len(own) == 2 and len(data) == 2
-                free = sum(_pages(sizes[n]) + 1 for n in own) * PAGE
-                assert sum(_pages(sizes[n]) for n in data) > len(own), "DCP's files would fit into the slack"
-                os.truncate(disk / FILLER, os.path.getsize(disk / FILLER) - free)
-        trainer.strategy.barrier("filled")
-
-
 class StepNet(Net):
     """Net whose step s trains on batch s (mod the epoch's batches), whatever the loader yields: a fit
     resumed mid-epoch restarts a plain loader at its first batch, and must still see the failed run's."""
@@ -271,7 +253,7 @@ def test_a_full_disk_fails_a_sharded_save_on_every_rank_and_keeps_the_previous_d
     out.mkdir()
     L.seed_everything(0)
     with pytest.raises(Exception, match="No space left on device"):
-        sharded_trainer(out, small_disk, [FillDiskSharded(str(small_disk), str(out), at_step=4, leave=leave)]).fit(
+        sharded_trainer(out, small_disk, [FillDisk(str(small_disk), str(out), at_step=4, leave=leave)]).fit(
             StepNet(hidden=HIDDEN))
     raised = [torch.load(out / f"raised{r}.pt") for r in range(2)]
     for r, err in enumerate(raised):

@@ -274,10 +274,33 @@ def runs(tmp_path_factory):
             "main": torch.load(out / "main_process_weights.pt")}
 
 
+def _chunk(full, position, size):
+    """The rows FSDP2 keeps at ``position`` of ``size`` ranks: ``torch.chunk``'s split (uneven when ``size``
+    does not divide the rows; the last positions may hold none)."""
+    chunks = torch.chunk(full, size, dim=0)
+    return chunks[position] if position < len(chunks) else full[:0]
+
+
 def _rows(full, position):
-    """The rows of ``full`` that FSDP2 (Shard(0) over 2 ranks, even split) keeps at ``position``."""
-    n = full.shape[0] // G_SIZE
-    return full[position * n:(position + 1) * n]
+    """The rows of ``full`` that FSDP2 (Shard(0) over the G_SIZE ranks of a group) keeps at ``position``."""
+    return _chunk(full, position, G_SIZE)
+
+
+def _assert_rows(got, want, position, msg, size=G_SIZE, **tolerance):
+    """``got`` (a rank's local shards: "params", and "state" by key) are the rows of ``want`` (full tensors)
+    at ``position`` of ``size``; float64 tolerance unless given."""
+    tolerance = {"rtol": 1e-12, "atol": 1e-12, **tolerance}
+    for a, b in zip(got["params"], want["params"]):
+        torch.testing.assert_close(a, _chunk(b, position, size), msg=msg, **tolerance)
+    for key in got.get("state", {}):
+        for a, b in zip(got["state"][key], want["state"][key]):
+            torch.testing.assert_close(a, _chunk(b, position, size), msg=f"{msg} {key}", **tolerance)
+
+
+def _assert_history_rows(got, want, position, msg, **tolerance):
+    """:func:`_assert_rows` after every step of two runs' histories."""
+    for step, (g, w) in enumerate(zip(got, want)):
+        _assert_rows(g, w, position, f"{msg} step {step}", **tolerance)
 
 
 def test_every_shard_equals_the_unsharded_groups_after_every_step(runs):
@@ -287,13 +310,7 @@ def test_every_shard_equals_the_unsharded_groups_after_every_step(runs):
         position = rank % G_SIZE
         got, want = sharded[rank], plain[rank]
         assert len(got["history"]) == len(want["history"]) == STEPS + 1
-        for step, (g, w) in enumerate(zip(got["history"], want["history"])):
-            for a, b in zip(g["params"], w["params"]):
-                torch.testing.assert_close(a, _rows(b, position), rtol=1e-12, atol=1e-12, msg=f"rank {rank} step {step}")
-            for key in g.get("state", {}):
-                for a, b in zip(g["state"][key], w["state"][key]):
-                    torch.testing.assert_close(a, _rows(b, position), rtol=1e-12, atol=1e-12,
-                                               msg=f"{key} rank {rank} step {step}")
+        _assert_history_rows(got["history"], want["history"], position, f"rank {rank}")
         for a, b in zip(got["final"], want["final"]):
             torch.testing.assert_close(a, _rows(b, position), rtol=1e-12, atol=1e-12)
 
@@ -345,14 +362,8 @@ def test_every_shard_equals_the_reference_simulator_after_every_step(runs):
     want = _simulate_groups(STEPS)
     for rank in range(WORLD):
         group, position = rank // G_SIZE, rank % G_SIZE
-        for step, got in enumerate(runs["fsdp"][rank]["history"]):
-            ref = want[step][group]
-            for a, b in zip(got["params"], ref["params"]):
-                torch.testing.assert_close(a, _rows(b, position), rtol=1e-10, atol=1e-12, msg=f"rank {rank} step {step}")
-            for key in got.get("state", {}):
-                for a, b in zip(got["state"][key], ref["state"][key]):
-                    torch.testing.assert_close(a, _rows(b, position), rtol=1e-10, atol=1e-12,
-                                               msg=f"{key} rank {rank} step {step}")
+        _assert_history_rows(runs["fsdp"][rank]["history"], [w[group] for w in want], position, f"rank {rank}",
+                             rtol=1e-10)
     # the groups really differ between rounds (or the comparison would say little about the schedule)
     assert not torch.equal(want[3][0]["params"][0], want[3][1]["params"][0])
     assert not torch.equal(want[5][0]["state"]["exp_avg_sq"][0], want[5][1]["state"]["exp_avg_sq"][0])
@@ -367,14 +378,7 @@ def test_heal_on_shards_equals_heal_of_the_unsharded_groups_after_every_step(run
     assert nan_at_3 == [False, False, True, True]  # the infinite gradient reached rank 3 through the group
     for rank in range(WORLD):
         position = rank % G_SIZE
-        for step, (g, w) in enumerate(zip(sharded[rank]["history"], plain[rank]["history"])):
-            for a, b in zip(g["params"], w["params"]):
-                torch.testing.assert_close(a, _rows(b, position), rtol=1e-12, atol=1e-12, equal_nan=True,
-                                           msg=f"rank {rank} step {step}")
-            for key in g.get("state", {}):
-                for a, b in zip(g["state"][key], w["state"][key]):
-                    torch.testing.assert_close(a, _rows(b, position), rtol=1e-12, atol=1e-12, equal_nan=True,
-                                               msg=f"{key} rank {rank} step {step}")
+        _assert_history_rows(sharded[rank]["history"], plain[rank]["history"], position, f"rank {rank}", equal_nan=True)
         last = sharded[rank]["history"][STEPS]
         assert all(bool(torch.isfinite(t).all()) for t in [*last["params"], *sum(last["state"].values(), [])])
         assert all(bool(torch.isfinite(t).all()) for t in sharded[rank]["history"][4]["params"])
@@ -408,13 +412,7 @@ def test_bf16_compression_on_shards_equals_the_unsharded_groups_and_sends_2_byte
     plain, sharded = runs["ddp-bf16wire"], runs["fsdp-bf16wire"]
     for rank in range(WORLD):
         position = rank % G_SIZE
-        for step, (g, w) in enumerate(zip(sharded[rank]["history"], plain[rank]["history"])):
-            for a, b in zip(g["params"], w["params"]):
-                torch.testing.assert_close(a, _rows(b, position), rtol=1e-12, atol=1e-12, msg=f"rank {rank} step {step}")
-            for key in g.get("state", {}):
-                for a, b in zip(g["state"][key], w["state"][key]):
-                    torch.testing.assert_close(a, _rows(b, position), rtol=1e-12, atol=1e-12,
-                                               msg=f"{key} rank {rank} step {step}")
+        _assert_history_rows(sharded[rank]["history"], plain[rank]["history"], position, f"rank {rank}")
         # and the coding did happen: the rounds differ from the exact run's
         assert not torch.equal(sharded[rank]["history"][K_X]["params"][0], runs["fsdp"][rank]["history"][K_X]["params"][0])
         led = sharded[rank]["ledger"]
@@ -434,13 +432,7 @@ def test_a_model_built_on_the_meta_device_is_materialised_on_the_shards(runs):
         assert all(t == "DTensor" for t in meta[rank]["types"])
         for a, b in zip(meta[rank]["history"][0]["params"], want):
             assert torch.equal(a, _rows(b, position)), rank
-        for step, (g, w) in enumerate(zip(meta[rank]["history"], plain[rank]["history"])):
-            for a, b in zip(g["params"], w["params"]):
-                torch.testing.assert_close(a, _rows(b, position), rtol=1e-12, atol=1e-12, msg=f"rank {rank} step {step}")
-            for key in g.get("state", {}):
-                for a, b in zip(g["state"][key], w["state"][key]):
-                    torch.testing.assert_close(a, _rows(b, position), rtol=1e-12, atol=1e-12,
-                                               msg=f"{key} rank {rank} step {step}")
+        _assert_history_rows(meta[rank]["history"], plain[rank]["history"], position, f"rank {rank}")
 
 
 def test_a_save_changes_nothing_and_a_same_layout_resume_continues_bit_for_bit(runs):
@@ -667,22 +659,6 @@ def _adam_steps(start, gradient_batches, steps_done):
     return after
 
 
-def _chunk(full, position, size):
-    """The rows FSDP2 keeps at ``position`` of ``size`` ranks: ``torch.chunk``'s split (uneven when ``size``
-    does not divide the rows; the last positions may hold none)."""
-    chunks = torch.chunk(full, size, dim=0)
-    return chunks[position] if position < len(chunks) else full[:0]
-
-
-def _assert_rows(got, want, position, size, msg):
-    """``got`` (a rank's local shards) are the rows of ``want`` (full tensors) at ``position`` of ``size``."""
-    for a, b in zip(got["params"], want["params"]):
-        torch.testing.assert_close(a, _chunk(b, position, size), rtol=1e-12, atol=1e-12, msg=msg)
-    for key in got.get("state", {}):
-        for a, b in zip(got["state"][key], want["state"][key]):
-            torch.testing.assert_close(a, _chunk(b, position, size), rtol=1e-12, atol=1e-12, msg=f"{msg} {key}")
-
-
 def test_two_groups_resume_into_one_group_of_three_from_the_consensus(resumed, runs):
     """Another layout: the consensus path. The 3 ranks (one group, FSDP2 over 3: uneven shards) start from
     their rows of the mean of the two saved groups, with Adam's step counter at 6; steps 7 and 8 are then
@@ -695,7 +671,7 @@ def test_two_groups_resume_into_one_group_of_three_from_the_consensus(resumed, r
         assert {k: got["ledger"].get(k, 0) for k in ("params", "state/exp_avg", "state/exp_avg_sq", "checkpoint")} \
             == {"params": N_LOCAL * 8, "state/exp_avg": N_LOCAL * 8, "state/exp_avg_sq": 0, "checkpoint": 3 * N_LOCAL * 8}
         for step, (g, w) in enumerate(zip(got["history"], want)):
-            _assert_rows(g, w, rank, RESUMED_WORLD, f"rank {rank} after step {6 + step}")
+            _assert_rows(g, w, rank, f"rank {rank} after step {6 + step}", size=RESUMED_WORLD)
 
 
 def test_two_groups_resume_into_three_groups_of_one_from_the_consensus(resumed, runs):
@@ -709,7 +685,7 @@ def test_two_groups_resume_into_three_groups_of_one_from_the_consensus(resumed, 
     for rank, got in enumerate(resumed["singles"]):
         assert all(t == "DTensor" for t in got["types"])
         for step, want in enumerate((start, alone[rank][0], averaged)):
-            _assert_rows(got["history"][step], want, 0, 1, f"rank {rank} after step {6 + step}")
+            _assert_rows(got["history"][step], want, 0, f"rank {rank} after step {6 + step}", size=1)
     # the ledger goes on from the saved one (by hand: step 4's round of params and exp_avg, 29 float64 per
     # rank, and the save's consensus of all three); step 8's round adds whole tensors of all three
     saved = {"params": N_LOCAL * 8, "state/exp_avg": N_LOCAL * 8, "checkpoint": 3 * N_LOCAL * 8}
