@@ -239,7 +239,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--mbit", type=float, default=100.0, help="link bandwidth, Mbit/s")
     p.add_argument("--latency-ms", type=float, default=25.0, help="one-way latency, ms")
-    p.add_argument("--k", type=int, default=32, help="K_x, optimizer steps")
+    p.add_argument("--k", type=int, default=None, help="K_x, optimizer steps (default 32; --smoke: 4)")
     p.add_argument("--tau", type=int, default=None, help="overlap_steps (default K_x - 1)")
     p.add_argument("--fragments", type=int, default=1,
                    help="F > 1: also the blocking and overlapped runs with fragments=F (tau below K_x / F)")
@@ -260,8 +260,9 @@ def main() -> None:
     p.add_argument("--out", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.smoke:
-        args.k, args.width, args.depth, args.batch, args.warmup = 4, 32, 2, 8, 2
-        args.steps = args.steps or 24
+        args.width, args.depth, args.batch, args.warmup = 32, 2, 8, 2
+        args.k, args.steps = args.k or 4, args.steps or 24
+    args.k = args.k or 32
     args.tau = args.k - 1 if args.tau is None else args.tau
     kinds = KINDS + (FRAGMENT_KINDS if args.fragments > 1 else ())
     args.steps = args.steps or 6 * args.k

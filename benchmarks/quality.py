@@ -18,7 +18,11 @@ per step. Ratios are against DDP's bytes in the same table.
 Schemes (``--schemes`` picks some): DDP, Local Adam (K = K_x for everything), keep-local, reset,
 DES-LOC (K_u = 3 K_x, K_v = 6 K_x), and DES-LOC with: bf16 averaging, bf16 parameters + int8 states,
 int8 everywhere, the outer Nesterov step (``outer_lr=0.7, outer_momentum=0.9``), and
-``param_sync_every="auto"``.
+``param_sync_every="auto"``. Rounds overlapped with compute and streamed in fragments (issue 13) are
+named by their options: ``"DES-LOC tau=3"`` (``overlap_steps=3``), ``"DES-LOC F=4"`` (``fragments=4``),
+``"DES-LOC F=4 tau=1"`` (both):
+
+    python benchmarks/quality.py --k 8 --steps 600 --schemes DES-LOC "DES-LOC tau=1" "DES-LOC F=4 tau=1"
 
 ``--mode hierarchical`` runs 4 processes (``--devices``): DDP, flat DES-LOC, and DES-LOC across 2 groups
 of 2 (``group_size=2``) with the gradients all-reduced inside each group every step, or with DES-LOC
@@ -79,6 +83,9 @@ def scheme_args(name: str, k: int) -> tuple[str, list[str]]:
     if name.startswith("DES-LOC K_v="):  # sensitivity: K_u = 3 K_x, K_v as named
         k_v = int(name.split("=")[1])
         return "desloc", base + [f'{S}state_sync_every={{"exp_avg": {3 * k}, "exp_avg_sq": {k_v}}}']
+    if name.startswith(("DES-LOC tau=", "DES-LOC F=")):  # "DES-LOC F=4 tau=1": fragments and/or overlap_steps
+        keys = {"tau": "overlap_steps", "F": "fragments"}
+        return "desloc", base + [f"{S}{keys[key]}={int(v)}" for key, v in (w.split("=") for w in name.split()[1:])]
     return "desloc", base + extra[name]
 
 

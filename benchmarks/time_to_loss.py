@@ -23,10 +23,13 @@ too; for DDP one gradient per step (``common.bytes_sent_by_step``).
 
 ``--link delay`` runs every node pair over ``delayline.DelayLink`` instead (tun devices and a userspace
 delay line: ``--rate`` and ``--latency-ms`` one way, default 25 ms); ``--overlap-steps TAU`` adds, for each
-numeric ``--k``, a DES-LOC run with ``overlap_steps=TAU`` (``k-1``: K - 1) next to the blocking one.
+numeric ``--k``, a DES-LOC run with ``overlap_steps=TAU`` (``k-1``: K - 1) next to the blocking one;
+``--variants SPEC`` adds one with any mix of ``F`` (``fragments``) and ``tau`` (``overlap_steps``):
+``F=4,tau=1`` is ``fragments=4, overlap_steps=1``, labelled "DES-LOC (K_x=8, F=4, tau=1)".
 
     sudo python benchmarks/time_to_loss.py                 # ~8.5 minutes
     sudo python benchmarks/time_to_loss.py --link delay --latency-ms 25 --k 8 --overlap-steps k-1
+    sudo python benchmarks/time_to_loss.py --link delay --k 8 --no-local-adam --variants F=4,tau=1 F=2,tau=3
     python benchmarks/time_to_loss.py --smoke              # tiny model and corpus, seconds
 """
 
@@ -54,6 +57,28 @@ def time_to(metrics: Metrics, target: float) -> Optional[tuple[int, float]]:
         if train_s is not None and loss <= target:
             return step, train_s
     return None
+
+
+VARIANT_KEYS = {"F": "fragments", "tau": "overlap_steps"}
+
+
+def parse_variant(spec: str) -> dict[str, str]:
+    """``"F=4,tau=1"`` -> ``{"F": "4", "tau": "1"}`` (F first: the label's order), checked.
+
+    >>> parse_variant("tau=3,F=2")
+    {'F': '2', 'tau': '3'}
+    >>> parse_variant("fragments=2")
+    Traceback (most recent call last):
+    ...
+    ValueError: --variants takes F=N and tau=N (or tau=k-1) joined by commas, e.g. F=4,tau=1; got 'fragments=2'
+    """
+    out = {}
+    for word in spec.split(","):
+        name, _, value = word.partition("=")
+        if name not in VARIANT_KEYS or not (value.isdigit() or (name == "tau" and value == "k-1")):
+            raise ValueError(f"--variants takes F=N and tau=N (or tau=k-1) joined by commas, e.g. F=4,tau=1; got {spec!r}")
+        out[name] = value
+    return {name: out[name] for name in VARIANT_KEYS if name in out}
 
 
 def run_dir_name(label: str) -> str:
@@ -110,6 +135,9 @@ def main() -> int:
     ap.add_argument("--latency-ms", type=float, default=25.0, help="with --link delay: one-way delay")
     ap.add_argument("--overlap-steps", nargs="+", default=[],
                     help="for each numeric --k, also DES-LOC with overlap_steps=TAU ('k-1': K - 1)")
+    ap.add_argument("--variants", nargs="+", default=[], metavar="SPEC",
+                    help="for each numeric --k, also DES-LOC with these options: 'F=4,tau=1' is fragments=4, "
+                         "overlap_steps=1 ('tau=k-1': K - 1)")
     ap.add_argument("--no-local-adam", action="store_true", help="skip the Local Adam runs")
     ap.add_argument("--loopback", action="store_true", help="no namespaces: both nodes on 127.0.0.1")
     ap.add_argument("--out", default="runs/slow-link/time-to-loss", help="CSV logs (one directory per run)")
@@ -119,6 +147,10 @@ def main() -> int:
     ap.add_argument("--analyze-only", action="store_true",
                     help="run nothing: rebuild the table, summary.json and plot from the CSV logs under --out")
     args = ap.parse_args()
+    try:
+        variants = [parse_variant(v) for v in [f"tau={t}" for t in args.overlap_steps] + args.variants]
+    except ValueError as err:
+        ap.error(str(err))
     extra: list[str] = ["--model.min_lr_ratio=1.0"]
     tmp = None
     if args.smoke:
@@ -208,11 +240,13 @@ def main() -> int:
             if not args.no_local_adam:
                 run(f"Local Adam (K={k})", "local-adam", k, local_steps, target)
             run(f"DES-LOC (K_x={k})", "desloc", k, local_steps, target)
-            for tau in args.overlap_steps:
-                tau = int(k) - 1 if tau == "k-1" else int(tau)
-                extra.append(f"--trainer.strategy.init_args.overlap_steps={tau}")
-                run(f"DES-LOC (K_x={k}, tau={tau})", "desloc", k, local_steps, target)
-                extra.pop()
+            for variant in variants:
+                opts = {name: int(k) - 1 if v == "k-1" else int(v) for name, v in variant.items()}
+                options = [f"--trainer.strategy.init_args.{VARIANT_KEYS[name]}={v}" for name, v in opts.items()]
+                extra.extend(options)
+                run(f"DES-LOC (K_x={k}, " + ", ".join(f"{n}={v}" for n, v in opts.items()) + ")", "desloc", k,
+                    local_steps, target)
+                del extra[len(extra) - len(options):]
 
         ddp_t = time_to(ddp, target)
         assert ddp_t is not None
@@ -263,7 +297,7 @@ def main() -> int:
             if k == "auto":
                 continue
             for lab, r in summary["runs"].items():
-                if lab.startswith(f"DES-LOC (K_x={k}, tau="):
+                if lab.startswith(f"DES-LOC (K_x={k}, "):
                     print(f"{lab}: " + (f"reached the target {r['speedup_vs_ddp']:.2f}x faster than DDP"
                                         + (f", {d['seconds'] / r['seconds']:.2f}x faster than blocking DES-LOC"
                                            if d.get("reached") else "")

@@ -50,9 +50,9 @@ def test_sync_round_smoke(tmp_path):
 
 @pytest.mark.bench_smoke
 def test_time_to_loss_smoke(tmp_path):
-    out = _run_smoke("time_to_loss.py", tmp_path)
+    out = _run_bench(tmp_path, "time_to_loss.py", "--variants", "F=2")
     assert "| run" in out and "| speed-up vs DDP" in out
-    for label in ("| DDP", "| Local Adam (K=2)", "| DES-LOC (K_x=2)"):
+    for label in ("| DDP", "| Local Adam (K=2)", "| DES-LOC (K_x=2)", "| DES-LOC (K_x=2, F=2)"):
         assert label in out
 
 
@@ -240,3 +240,23 @@ def test_overlap_fragments_smoke(tmp_path):
     assert largest["blocking"] == largest["overlapped"] == 3 * p_bytes + control, largest
     for kind in ("blocking, fragments", "overlapped, fragments"):
         assert largest[kind] == 3 * p_bytes // 2 + control, largest
+
+
+@pytest.mark.bench_smoke
+def test_overlap_sweep_smoke(tmp_path):
+    # overlap.py at K_x = 2 and 4 on the smoke model and the modelled link (100 Mbit/s, 25 ms one way)
+    raw, png = tmp_path / "sweep.json", tmp_path / "sweep.png"
+    out = _run_bench(tmp_path, "overlap_sweep.py", "--json", str(raw), "--png", str(png), timeout=400)
+    assert "| K_x" in out and "| overlapped vs limit" in out and png.stat().st_size > 0
+    rows = json.loads(raw.read_text())["rows"]
+    assert [r["k"] for r in rows] == [2, 4] and [_table_row(out, str(k))[1] for k in (2, 4)] == ["1", "3"]
+    # the link's time per step by hand: P = 2 x (32 x 32 + 32) float32; a 2-rank all-reduce of n bytes
+    # takes n / 12.5 MB/s + 2 x 25 ms; parameters every K_x, exp_avg every 3 K_x, exp_avg_sq every
+    # 6 K_x, the states adding their bytes to the parameter round but no latency
+    p_s = 2 * (32 * 32 + 32) * 4 / 12.5e6
+    for r in rows:
+        k = r["k"]
+        link_ms = 1e3 * ((p_s + 0.05) / k + p_s / (3 * k) + p_s / (6 * k))
+        assert abs(r["link_ms"] - link_ms) < 1e-6, (r, link_ms)
+        assert r["limit_ms"] == max(r["compute_ms"], r["link_ms"])
+        assert r["blocking_ms"] > 0 and r["overlapped_ms"] > 0
