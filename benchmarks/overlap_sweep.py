@@ -3,6 +3,7 @@
     python benchmarks/overlap_sweep.py                       # K_x 8 16 32 64, tau = K_x - 1, modelled link
     python benchmarks/overlap_sweep.py --k 8 16 32 --png docs/slow-link-overlap-vs-k.png
     python benchmarks/overlap_sweep.py --smoke               # K_x 2 and 4 on the smoke model
+    python benchmarks/overlap_sweep.py --from-json runs/overlap-sweep.json --png out.png   # redraw, run nothing
 
 One ``benchmarks/overlap.py --k K --json ...`` invocation per K_x (its three runs: no communication,
 blocking, overlapped with ``tau = K_x - 1``; the same model, link and options, ``--mbit``,
@@ -85,7 +86,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--png", help="write the plot here")
     ap.add_argument("--json", help="write the rows here")
     ap.add_argument("--smoke", action="store_true", help="overlap.py's smoke model, K_x 2 and 4")
+    ap.add_argument("--from-json", metavar="JSON", help="run nothing: the table and plot from a --json of an earlier run")
     args = ap.parse_args(argv)
+    if args.from_json:
+        saved = json.loads(Path(args.from_json).read_text())
+        for key in ("mbit", "latency_ms", "link"):
+            setattr(args, key, saved["args"][key])
+        return report(args, saved["rows"])
     ks = args.k or ([2, 4] if args.smoke else [8, 16, 32, 64])
     if any(k < 2 for k in ks):
         ap.error(f"--k needs K_x >= 2 (tau = K_x - 1 >= 1), got {ks}")
@@ -94,6 +101,13 @@ def main(argv: list[str] | None = None) -> int:
         passthrough.append("--smoke")
     with tempfile.TemporaryDirectory() as tmp:
         rows = [row_of(k, run_k(k, passthrough, tmp)) for k in ks]
+    if args.json:
+        write_json(args.json, {"args": vars(args), "rows": rows})
+    return report(args, rows)
+
+
+def report(args, rows: list[dict]) -> int:
+    """Print the table of ``rows`` (and draw ``--png``)."""
     table = [[r["k"], r["k"] - 1, f"{r['compute_ms']:.1f}", f"{r['blocking_ms']:.1f}", f"{r['overlapped_ms']:.1f}",
               f"{r['link_ms']:.1f}", f"{r['limit_ms']:.1f}", f"{r['blocking_ms'] / r['limit_ms']:.2f}x",
               f"{r['overlapped_ms'] / r['limit_ms']:.2f}x", f"{r['blocking_ms'] / r['overlapped_ms']:.2f}x"]
@@ -101,10 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     print(markdown_table(["K_x", "tau", "compute ms/step", "blocking ms/step", "overlapped ms/step",
                           "link ms/step (model)", "limit ms/step", "blocking vs limit", "overlapped vs limit",
                           "blocking / overlapped"], table))
-    if args.json:
-        write_json(args.json, {"args": vars(args), "rows": rows})
     if args.png:
-        plot(rows, f"2 ranks, {args.link} link {args.mbit:g} Mbit/s, {args.latency_ms:g} ms one way", Path(args.png))
+        link = "modelled link" if args.link == "model" else "delay line"
+        plot(rows, f"2 ranks, {link} {args.mbit:g} Mbit/s, {args.latency_ms:g} ms one way", Path(args.png))
         print(f"plot: {args.png}")
     return 0
 

@@ -207,6 +207,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--lock", default=os.environ.get("DESLOC_BENCH_LOCK"))
     parser.add_argument("--smoke", action="store_true", help="1-layer width-32 GPT, 300 kB corpus, 8 steps, K_x 2")
     parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--tail", type=int, default=1, metavar="N",
+                        help="score a run by the mean of its last N validations (default 1: the final one); "
+                             "steadier where one validation wanders (small batches)")
     parser.add_argument("--betas", type=float, nargs=2, metavar=("BETA1", "BETA2"),
                         help="AdamW betas of the GPT (default: the config's 0.9 0.95); use a fresh --out-dir")
     parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
@@ -215,6 +218,8 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     if args.devices is None:
         args.devices = 4 if args.mode == "hierarchical" else 2
+    if args.tail < 1:
+        parser.error(f"--tail counts validations, at least 1; got {args.tail}")
     if args.mode == "hierarchical" and args.devices % 2:
         parser.error(f"--mode hierarchical needs an even --devices (groups of 2), got {args.devices}")
     bad = [kv for kv in args.set if "=" not in kv or kv.startswith("-")]
@@ -253,13 +258,16 @@ def main(argv=None) -> dict:
     ddp = [r for (n, _), rs in results.items() if n == "DDP" for r in rs]
     ddp_bytes = statistics.mean(r["sync_bytes"] for r in ddp) if ddp else None
     ref_names = {"Local Adam": "Local Adam", "DES-LOC": "DES-LOC"}
-    means = {key: mean_spread([r["final_val_loss"] for r in rs])[0] for key, rs in results.items()}
+    def score(r: dict) -> float:  # the final validation loss, or the mean of the last --tail validations
+        return statistics.mean(v for _, v in r["val"][-args.tail:]) if r["val"] else math.nan
+
+    means = {key: mean_spread([score(r) for r in rs])[0] for key, rs in results.items()}
     rows, summary = [], {}
     for (name, k), rs in results.items():
-        m, spread = mean_spread([r["final_val_loss"] for r in rs])
+        m, spread = mean_spread([score(r) for r in rs])
         sync = statistics.mean(r["sync_bytes"] for r in rs)
         allb = statistics.mean(r["all_bytes"] for r in rs)
-        row = {"scheme": name, "k": k, "mean": m, "spread": spread, "losses": [r["final_val_loss"] for r in rs],
+        row = {"scheme": name, "k": k, "mean": m, "spread": spread, "losses": [score(r) for r in rs],
                "sync_bytes": sync, "all_bytes": allb, "seconds": [r["seconds"] for r in rs],
                "auto": rs[0].get("auto"), "inner_bytes": statistics.mean(r.get("inner_bytes", 0.0) for r in rs)}
         rel = {}
@@ -284,7 +292,8 @@ def main(argv=None) -> dict:
           f"(gloo), {args.steps} steps, global batch {args.devices} x {batch} x 128 tokens, seeds {args.seeds}"
           f"{'; AdamW betas ' + str(tuple(args.betas)) if args.betas else ''}"
           f"{'; overrides ' + ' '.join(args.set) if args.set else ''}; final val loss = mean ± half "
-          f"range over seeds (last validation, {args.val_batches} batches per rank); bytes per rank (rank 0's ledger), "
+          f"range over seeds ({'last validation' if args.tail == 1 else f'mean of the last {args.tail} validations'}, "
+          f"{args.val_batches} batches per rank); bytes per rank (rank 0's ledger), "
           f"mean over seeds")
     print(markdown_table(["scheme", "K_x", "final val loss", "per seed", "vs DDP", "vs Local Adam", "vs DES-LOC",
                           "sync bytes", "x fewer (sync)", "all bytes", "x fewer (all)",

@@ -308,7 +308,7 @@ def main() -> int:
                       + (f" and {d['speedup_vs_local_adam']:.2f}x faster than Local Adam (target >= 1.5x)"
                          if d.get("speedup_vs_local_adam") else
                          (f"; Local Adam did not reach the target in {local_steps} steps (DES-LOC more than "
-                          f"{d['speedup_vs_local_adam_at_least']:.2f}x faster)" if not la.get("reached") else "")))
+                          f"{d['speedup_vs_local_adam_at_least']:.2f}x faster)" if la and not la.get("reached") else "")))
             else:
                 print(f"K_x={k}: DES-LOC did not reach the target within {local_steps} steps")
         auto = summary["runs"].get("DES-LOC (K_x=auto)")

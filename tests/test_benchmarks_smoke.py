@@ -50,10 +50,19 @@ def test_sync_round_smoke(tmp_path):
 
 @pytest.mark.bench_smoke
 def test_time_to_loss_smoke(tmp_path):
-    out = _run_bench(tmp_path, "time_to_loss.py", "--variants", "F=2")
+    out = _run_smoke("time_to_loss.py", tmp_path)
     assert "| run" in out and "| speed-up vs DDP" in out
-    for label in ("| DDP", "| Local Adam (K=2)", "| DES-LOC (K_x=2)", "| DES-LOC (K_x=2, F=2)"):
+    for label in ("| DDP", "| Local Adam (K=2)", "| DES-LOC (K_x=2)"):
         assert label in out
+
+
+@pytest.mark.bench_smoke
+def test_time_to_loss_variants_without_local_adam_smoke(tmp_path):
+    # --variants adds a DES-LOC run with fragments=2; without Local Adam the summary still prints
+    out = _run_bench(tmp_path, "time_to_loss.py", "--no-local-adam", "--variants", "F=2")
+    for label in ("| DDP", "| DES-LOC (K_x=2)", "| DES-LOC (K_x=2, F=2)"):
+        assert label in out
+    assert "| Local Adam" not in out and "logs: " in out
 
 
 @pytest.mark.bench_smoke
@@ -260,3 +269,6 @@ def test_overlap_sweep_smoke(tmp_path):
         assert abs(r["link_ms"] - link_ms) < 1e-6, (r, link_ms)
         assert r["limit_ms"] == max(r["compute_ms"], r["link_ms"])
         assert r["blocking_ms"] > 0 and r["overlapped_ms"] > 0
+    # --from-json runs nothing and prints the same table
+    again = _run_bench(tmp_path, "overlap_sweep.py", "--from-json", str(raw), timeout=60)
+    assert [ln for ln in again.splitlines() if ln.startswith("|")] == [ln for ln in out.splitlines() if ln.startswith("|")]
