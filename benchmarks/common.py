@@ -135,6 +135,16 @@ class CollectiveCounter:
         return [{"op": o, "caller": c, "calls": n, "bytes": b} for (o, c), (n, b) in sorted(self.counts.items())]
 
 
+def save_figure(fig: Any, path: str | Path, dpi: int = 120) -> None:
+    """Lay out a matplotlib figure, write it to ``path`` (parents made) and close it."""
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+
+
 def write_json(path: str | Path, obj: Any) -> None:
     Path(path).write_text(json.dumps(obj, indent=1, sort_keys=True))
 

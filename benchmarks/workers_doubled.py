@@ -36,7 +36,7 @@ from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import markdown_table  # noqa: E402
+from common import markdown_table, save_figure  # noqa: E402
 from gptrun import (  # noqa: E402
     REPO, SMOKE_DATA_BYTES, SMOKE_MODEL, SMOKE_VAL_EVERY, Metrics, dump, ensure_data, gpt_argv, read_metrics)
 
@@ -83,10 +83,7 @@ def plot(curves: dict[str, dict[str, Metrics]], at: int, path: Path) -> None:
         ax.set_ylabel("loss (dots: validation; faint: rank 0 training)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main() -> int:
