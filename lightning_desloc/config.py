@@ -146,6 +146,8 @@ class DeslocConfig:
     allow_consensus_fallback: bool = False
     #: ``tau``: optimizer steps a round stays in flight before its result is applied (0: at once)
     overlap_steps: int = 0
+    #: ``lam``: share of a rank's own parameter progress kept when an overlapped round lands (1: all of it)
+    overlap_local_weight: float = 1.0
     #: ``N``: the first optimizer steps, trained as DDP (gradients all-reduced) before DES-LOC starts
     ddp_warmup_steps: int = 0
     #: ``F``: parameter fragments averaged at staggered offsets (1: the whole model in each round)
@@ -222,6 +224,13 @@ class DeslocConfig:
         if isinstance(tau, bool) or not isinstance(tau, int) or tau < 0:
             raise ValueError(f"overlap_steps must be a number of optimizer steps >= 0, got {tau!r}; 0 applies "
                              "every round at once, e.g. overlap_steps=2 applies it two steps later")
+        lam = self.overlap_local_weight
+        if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not 0 <= lam <= 1:
+            raise ValueError(f"overlap_local_weight must be a number in [0, 1], got {lam!r}; 1 (the default) keeps "
+                             "each rank's whole progress since the round's snapshot, e.g. 0.25 keeps a quarter")
+        if lam != 1 and tau == 0:
+            raise ValueError(f"overlap_local_weight={lam} only applies to overlapped rounds; set overlap_steps >= 1 "
+                             "(e.g. overlap_steps=7 with param_sync_every=8), or leave overlap_local_weight=1.0")
         if tau == 0:
             return
         others = {"param_sync_every='auto'": self.is_auto, "compression": bool(self.compression),
@@ -435,7 +444,13 @@ ARGUMENT_DOCS: dict[str, str] = {
         :mod:`lightning_desloc.overlap`), so communication hides behind ``tau`` steps of computation.
         ``0`` (default): applied at once. Shorter than every period; not yet with ``"auto"``,
         compression, ``outer_lr``, ``group_size``, ``max_drift`` or ``state_policy="reset"``.""",
-"ddp_warmup_steps": """``N``, a synchronous warm-up: the first ``N`` optimizer steps all-reduce the
+    "overlap_local_weight": """``lam`` in ``[0, 1]``, with ``overlap_steps``: when a round lands, each rank keeps ``lam`` of
+        its own parameter progress since the snapshot and takes the rest from the consensus's progress
+        over the last period, extrapolated to the steps in flight (rule in :mod:`lightning_desloc.overlap`).
+        Below 1 the ranks stay closer, which makes an ``overlap_steps`` close to ``param_sync_every``
+        cheaper in loss (docs/slow-link.md); each rank then keeps the last parameter mean (1x the
+        parameters). ``1.0`` (default): the whole own progress.""",
+    "ddp_warmup_steps": """``N``, a synchronous warm-up: the first ``N`` optimizer steps all-reduce the
         gradients (mean over ranks, ledger category ``grads``) before the step, as DDP does, so every rank
         keeps identical parameters and optimizer states (floating buffers are averaged with the gradients).
         DES-LOC's schedule then counts from the end of the warm-up: with ``s' = s - N``, the parameters

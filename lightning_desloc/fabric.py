@@ -83,7 +83,7 @@ from lightning_desloc.sync import float_buffers
 DESLOC_ARGUMENTS = (
     "param_sync_every", "state_sync_every", "state_policy", "compression", "outer_lr", "outer_momentum",
     "outer_nesterov", "comm_budget", "total_steps", "min_param_syncs", "max_drift", "drift_check_every",
-    "bucket_cap_mb", "allow_consensus_fallback", "overlap_steps", "ddp_warmup_steps", "fragments", "peer_timeout_s",
+    "bucket_cap_mb", "allow_consensus_fallback", "overlap_steps", "overlap_local_weight", "ddp_warmup_steps", "fragments", "peer_timeout_s",
     "on_nonfinite",
 )
 
@@ -137,6 +137,7 @@ class DeslocFabricStrategy(MeteredCollectives, DDPStrategy):
         bucket_cap_mb: float = DEFAULT_BUCKET_CAP_MB,
         allow_consensus_fallback: bool = False,
         overlap_steps: int = 0,
+        overlap_local_weight: float = 1.0,
         ddp_warmup_steps: int = 0,
         fragments: int = 1,
         peer_timeout_s: Optional[float] = 30.0,

@@ -23,6 +23,23 @@ so the step never branches on the variant:
   file, consensus validation and the end of training hold) does not depend on whether a round is
   still in flight.
 
+* ``overlap_local_weight=lam < 1`` shrinks the parameters' part of that difference between ranks. A
+  rank's own progress since the snapshot is its share of the mean progress plus its own deviation;
+  only the deviation drives the ranks apart, yet with ``tau`` close to ``K_x`` it stays in the tensors
+  for most of the next period (the ranks never meet). The rule keeps ``lam`` of the rank's own progress
+  and replaces the rest by the consensus's progress over the last period, extrapolated to the ``e``
+  steps the round was in flight (``e = tau`` unless the round lands early)::
+
+      x <- mean_m(x_s) + lam (x_{s+e} - x_s) + (1 - lam) (e / P) (mean_m(x_s) - mean_m(x_{s-P}))
+
+  where ``s - P`` is the step of the previous round that averaged the same parameters (``P = K_x``).
+  Every rank adds the same extrapolation, so the ranks differ by ``lam`` times their deviations; the
+  mean moves by ``(1 - lam)`` times the extrapolation's error, which the next rounds average like any
+  other progress. ``lam = 1`` (the default) is the rule above. A rank keeps the last mean of the
+  parameters it averaged (1x their payload, in the round's dtype, saved with its checkpoint); the
+  first round of a run, or of a consensus resume, has no previous mean and keeps ``lam = 1``. Floating
+  buffers and optimizer states keep their rules.
+
 With ``on_nonfinite`` each rank's flag ``c_m`` (whether what the round carries is finite at step ``s``)
 is computed on the device when the round starts; a rank with ``c_m = 0`` sends (and keeps as its
 snapshot) zeros, and the flags ride on the round's control tensor. At landing the means are first
@@ -141,14 +158,23 @@ class BlockingRounds:
     def load_state_dict(self, state: Any, device: Optional[torch.device] = None) -> None:
         """Nothing to restore."""
 
+    def progress_state_dict(self) -> Optional[list[dict[str, Any]]]:
+        return None
+
+    def load_progress_state_dict(self, state: Any, device: Optional[torch.device] = None) -> None:
+        """Nothing to restore."""
+
 
 class OverlappedRounds(BlockingRounds):
     """``overlap_steps=tau``: a round is applied ``tau`` optimizer steps after the step that made it due,
     by the rules in the module docstring."""
 
-    def __init__(self, overlap_steps: int) -> None:
+    def __init__(self, overlap_steps: int, local_weight: float = 1.0) -> None:
         self.overlap_steps = overlap_steps
+        self.local_weight = local_weight
         self.pending: list[PendingRound] = []
+        #: ``local_weight < 1``: (optimizer, fragments, bucket) -> (step of the round, its parameter mean)
+        self.previous_means: dict[tuple[int, tuple[int, ...], int], tuple[int, Tensor]] = {}
 
     applies_now = False
 
@@ -180,13 +206,53 @@ class OverlappedRounds(BlockingRounds):
         for pending in due:
             pending.wait()
             _apply(pending, optimizer, due_tensors(index, pending.plan), self.overlap_steps, on_control, on_landed)
+            if self.local_weight < 1 and "params" in pending.buckets:
+                self._mix_in_consensus_progress(pending, due_tensors(index, pending.plan)["params"],
+                                                step - pending.plan.step)
             self.pending.remove(pending)
         return bool(due)
+
+    def _mix_in_consensus_progress(self, pending: PendingRound, params: Sequence[Tensor], elapsed: int) -> None:
+        """``overlap_local_weight``: after :func:`_apply` left ``mean + own`` in the parameters, turn
+        ``(1 - lam)`` of the own progress into the consensus's, extrapolated (module docstring)."""
+        buckets = pending.buckets.get("params", [])
+        fragments = tuple(f for f, has_params, _ in pending.plan.parts if has_params)
+        lam = self.local_weight
+        with torch.no_grad():
+            for i, (live, (_, mean)) in enumerate(zip(_match(params, buckets), buckets)):
+                key = (pending.index, fragments, i)
+                previous = self.previous_means.get(key)
+                if previous is not None and elapsed > 0:
+                    prev_step, prev_mean = previous
+                    now = torch.cat([t.detach().reshape(-1) for t in live])
+                    mean_ = mean.to(now.dtype)
+                    # now = mean + own  ->  mean + lam * own + (1 - lam) * (e / P) * (mean - prev_mean)
+                    rate = (1 - lam) * elapsed / (pending.plan.step - prev_step)
+                    mixed = (now - mean_).mul_(lam).add_(mean_).add_(mean_ - prev_mean.to(now.dtype), alpha=rate)
+                    if pending.drop is not None:  # a rank left out keeps the mean alone (on_nonfinite)
+                        drop = pending.drop if pending.drop.device == now.device else pending.drop.to(now.device)
+                        mixed = torch.where(drop, now, mixed)
+                    unflatten_into(mixed, live)
+                self.previous_means[key] = (pending.plan.step, mean.clone())
 
     def finish(self) -> None:
         """Wait until every round in flight has arrived (they are still applied at their step)."""
         for pending in self.pending:
             pending.wait()
+
+    def progress_state_dict(self) -> Optional[list[dict[str, Any]]]:
+        """``overlap_local_weight < 1``: the last parameter means (``None`` without)."""
+        if self.local_weight >= 1:
+            return None
+        return [{"index": index, "fragments": list(fragments), "bucket": bucket, "step": step, "mean": mean}
+                for (index, fragments, bucket), (step, mean) in self.previous_means.items()]
+
+    def load_progress_state_dict(self, state: Any, device: Optional[torch.device] = None) -> None:
+        """Restore :meth:`progress_state_dict` (``None``: start without, e.g. a consensus resume)."""
+        self.previous_means = {
+            (int(e["index"]), tuple(int(f) for f in e["fragments"]), int(e["bucket"])):
+                (int(e["step"]), e["mean"].to(device) if device is not None else e["mean"])
+            for e in state or []}
 
     @property
     def in_flight(self) -> int:

@@ -54,7 +54,7 @@ DESLOC_ARGUMENTS = (
     "param_sync_every", "state_sync_every", "validate_on", "state_policy", "compression", "outer_lr",
     "outer_momentum", "outer_nesterov", "group_size", "group_param_sync_every", "group_state_sync_every",
     "shard_within_group", "comm_budget", "min_param_syncs", "max_drift", "drift_check_every", "bucket_cap_mb", "log_comm",
-    "allow_consensus_fallback", "overlap_steps", "ddp_warmup_steps", "fragments", "peer_timeout_s",
+    "allow_consensus_fallback", "overlap_steps", "overlap_local_weight", "ddp_warmup_steps", "fragments", "peer_timeout_s",
     "on_nonfinite",
 )
 
@@ -157,6 +157,7 @@ class DeslocStrategy(MeteredCollectives, DDPStrategy):
         log_comm: bool = True,
         allow_consensus_fallback: bool = False,
         overlap_steps: int = 0,
+        overlap_local_weight: float = 1.0,
         ddp_warmup_steps: int = 0,
         fragments: int = 1,
         peer_timeout_s: Optional[float] = 30.0,

@@ -260,7 +260,8 @@ class DeslocSync:
         self.snapshot = ConsensusSnapshot()
         self.options = build_options(self.config, self.snapshot, world, self.info)
         #: how the outermost round's result reaches the tensors: at once, or ``overlap_steps`` later
-        self.rounds = OverlappedRounds(self.config.overlap_steps) if self.config.overlap_steps else BlockingRounds()
+        self.rounds = (OverlappedRounds(self.config.overlap_steps, self.config.overlap_local_weight)
+                       if self.config.overlap_steps else BlockingRounds())
         self.total_steps = total_steps
         self._wire: Optional[CompressionPlan] = next(
             (o.plan for o in self.options if isinstance(o, CompressionOption)), None)
@@ -851,6 +852,7 @@ class DeslocSync:
             "ledgers": {level.name: level.ledger.state_dict() for level in self.levels},
             "options": {o.name: o.state_dict() for o in self.options if not o.shared},
             "in_flight": self.rounds.state_dict(),
+            "overlap_previous_means": self.rounds.progress_state_dict(),
         }
         return {"shared": shared, "local": local}
 
@@ -877,6 +879,7 @@ class DeslocSync:
             option.load_state_dict(part.get("options", {}).get(option.name), device)
         # rounds in flight belong to this rank's own state: a consensus resume starts without
         self.rounds.load_state_dict((local or {}).get("in_flight"), device)
+        self.rounds.load_progress_state_dict((local or {}).get("overlap_previous_means"), device)
 
     def set_steps(self, steps: Sequence[int]) -> None:
         """Set the step counters (a resume), one per attached optimizer; missing ones start at 0."""

@@ -344,7 +344,7 @@ def simulate_two_level(
 
 
 def simulate_overlapped(cfg: Config, n_calls: int, overlap_steps: int, workers: int = 2,
-                        init: Optional[list[Tensor]] = None) -> list[list[dict]]:
+                        init: Optional[list[Tensor]] = None, local_weight: float = 1.0) -> list[list[dict]]:
     """:func:`simulate` with every average applied ``tau = overlap_steps`` completed steps after the step
     that made it due. Right after step ``s``, first what was due after ``s - tau`` lands, then what is
     due after ``s`` starts from the values at ``s``::
@@ -353,8 +353,16 @@ def simulate_overlapped(cfg: Config, n_calls: int, overlap_steps: int, workers: 
         k_m <- d mean_j(k_j at s - tau) + (k_m - d k_m at s - tau),   d = beta_k ** tau    state k
 
     with ``beta`` = ``beta1`` for ``exp_avg``, ``beta2`` for ``exp_avg_sq`` (clamped at 0), ``momentum``
-    for ``momentum_buffer``; ``tau >= 1``. History as :func:`simulate`."""
+    for ``momentum_buffer``; ``tau >= 1``. With ``local_weight = lam < 1`` a worker keeps ``lam`` of its own
+    parameter progress and adds ``1 - lam`` of the mean's progress between the previous average of the
+    same parameters (at ``s - tau - P``) and this one, scaled to ``tau`` steps (not on the first average)::
+
+        x_m <- mean(then) + lam (x_m - x_m at s - tau) + (1 - lam) (tau / P) (mean(then) - mean(before))
+
+    History as :func:`simulate`."""
     decay = {"exp_avg": cfg.betas[0], "exp_avg_sq": cfg.betas[1], "momentum_buffer": cfg.momentum}
+    # parameter positions -> (the step the last average of them was due, its mean)
+    last_mean: dict[tuple[int, ...], tuple[int, list[Tensor]]] = {}
     # (apply at, what, positions, x_s per worker, mean)
     in_flight: list[tuple[int, str, list[int], list[list[Tensor]], list[Tensor]]] = []
 
@@ -362,10 +370,19 @@ def simulate_overlapped(cfg: Config, n_calls: int, overlap_steps: int, workers: 
         for item in [i for i in in_flight if i[0] == s]:
             _, what, positions, then, mean = item
             d = 1.0 if what == "params" else decay[what] ** overlap_steps
+            due_at = s - overlap_steps
+            before = last_mean.get(tuple(positions)) if what == "params" else None
             for w, own_then in zip(team, then):
-                for i, m, old in zip(positions, mean, own_then):
-                    new = d * m + (_get(w, what)[i] - d * old)
+                for j, (i, m, old) in enumerate(zip(positions, mean, own_then)):
+                    if before is None:
+                        new = d * m + (_get(w, what)[i] - d * old)
+                    else:  # only for parameters: d = 1
+                        step_before, mean_before = before
+                        drift = (m - mean_before[j]) * (overlap_steps / (due_at - step_before))
+                        new = m + local_weight * (_get(w, what)[i] - old) + (1 - local_weight) * drift
                     _get(w, what)[i] = new.clamp(min=0) if what == "exp_avg_sq" else new
+            if what == "params" and local_weight < 1:
+                last_mean[tuple(positions)] = (due_at, mean)
             in_flight.remove(item)
         for what, positions in due_items(cfg, s):
             then = [[_get(w, what)[i].clone() for i in positions] for w in team]

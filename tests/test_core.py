@@ -310,17 +310,20 @@ def test_a_signal_raised_on_one_rank_reaches_every_rank_at_the_same_step(group_p
         assert out[rank] == [step >= 7 for step in range(1, 10)], rank
 
 
-@pytest.mark.parametrize("cfg, tau, world", [
-    (ref.Config("adam", 4, {"exp_avg": 8, "exp_avg_sq": 12}, lr=0.05, skip_calls=frozenset({5})), 2, 3),
-    (ref.Config("adam", 4, {"exp_avg": 6, "exp_avg_sq": 12}, lr=0.05), 3, 2),
-    (ref.Config("sgd", 3, {"momentum_buffer": 5}, lr=0.05, nesterov=True), 1, 2),
+@pytest.mark.parametrize("cfg, tau, world, lam", [
+    (ref.Config("adam", 4, {"exp_avg": 8, "exp_avg_sq": 12}, lr=0.05, skip_calls=frozenset({5})), 2, 3, 1.0),
+    (ref.Config("adam", 4, {"exp_avg": 6, "exp_avg_sq": 12}, lr=0.05), 3, 2, 1.0),
+    (ref.Config("sgd", 3, {"momentum_buffer": 5}, lr=0.05, nesterov=True), 1, 2, 1.0),
+    # overlap_local_weight: a quarter of the own progress, the rest the mean's extrapolated progress
+    (ref.Config("adam", 4, {"exp_avg": 8, "exp_avg_sq": 12}, lr=0.05, skip_calls=frozenset({5})), 3, 3, 0.25),
+    (ref.Config("sgd", 3, {"momentum_buffer": 5}, lr=0.05, nesterov=True), 2, 2, 0.0),
 ])
-def test_overlapped_rounds_match_the_delayed_reference_after_every_step(cfg, tau, world):
+def test_overlapped_rounds_match_the_delayed_reference_after_every_step(cfg, tau, world, lam):
     n_calls = 22
     config = DeslocConfig(param_sync_every=cfg.param_sync_every, state_sync_every=cfg.state_sync_every,
-                          overlap_steps=tau)
+                          overlap_steps=tau, overlap_local_weight=lam)
     out = run_on_threads(train, world, cfg, n_calls, config)
-    want = ref.simulate_overlapped(cfg, n_calls, tau, workers=world)
+    want = ref.simulate_overlapped(cfg, n_calls, tau, workers=world, local_weight=lam)
     for call in range(n_calls + 1):
         for rank in range(world):
             ref.assert_snapshot_matches(out[rank]["history"][call], want[call][rank], f"call {call}, rank {rank}")
@@ -338,11 +341,17 @@ def test_overlap_steps_must_be_shorter_than_every_period():
         DeslocConfig.from_arguments(param_sync_every=8, overlap_steps=2, compression="bf16", outer_lr=0.7)
     with pytest.raises(ValueError, match="overlap_steps must be a number of optimizer steps >= 0"):
         DeslocConfig(overlap_steps=-1)
+    with pytest.raises(ValueError, match=r"overlap_local_weight=0.5 only applies to overlapped rounds; set overlap_steps"):
+        DeslocConfig(param_sync_every=8, overlap_local_weight=0.5)
+    with pytest.raises(ValueError, match=r"overlap_local_weight must be a number in \[0, 1\], got 1.5"):
+        DeslocConfig(param_sync_every=8, overlap_steps=7, overlap_local_weight=1.5)
 
 
-def _resumable_overlapped(rank, world, comm, stop_at):
-    """Like ``_resumable`` with ``overlap_steps=2``: a save at ``stop_at`` falls while a round is in flight."""
-    config = DeslocConfig(param_sync_every=3, state_sync_every={"exp_avg": 4, "exp_avg_sq": 6}, overlap_steps=2)
+def _resumable_overlapped(rank, world, comm, stop_at, lam=1.0):
+    """Like ``_resumable`` with ``overlap_steps=2``: a save at ``stop_at`` falls while a round is in flight
+    (``lam``: ``overlap_local_weight``, whose last parameter mean is saved too)."""
+    config = DeslocConfig(param_sync_every=3, state_sync_every={"exp_avg": 4, "exp_avg_sq": 6}, overlap_steps=2,
+                          overlap_local_weight=lam)
     with _init:
         net, opt = make_worker(ADAM)
     core = DeslocSync(config, comm=comm)
@@ -356,10 +365,10 @@ def _resumable_overlapped(rank, world, comm, stop_at):
     return [p.detach().clone() for p in net.parameters()], in_flight_at_save
 
 
-@pytest.mark.parametrize("stop_at", [4, 7])  # after steps 4 and 7: the rounds of steps 3 and 6 are in flight
-def test_a_round_in_flight_survives_a_save_and_resume_bit_for_bit(stop_at):
-    straight = run_on_threads(_resumable_overlapped, 2, None)
-    resumed = run_on_threads(_resumable_overlapped, 2, stop_at)
+@pytest.mark.parametrize("stop_at, lam", [(4, 1.0), (7, 1.0), (7, 0.5)])  # after steps 4 and 7: the rounds
+def test_a_round_in_flight_survives_a_save_and_resume_bit_for_bit(stop_at, lam):  # of steps 3 and 6 are in flight
+    straight = run_on_threads(_resumable_overlapped, 2, None, lam)
+    resumed = run_on_threads(_resumable_overlapped, 2, stop_at, lam)
     for rank in range(2):
         assert resumed[rank][1] >= 1
         assert all(torch.equal(a, b) for a, b in zip(straight[rank][0], resumed[rank][0])), rank
@@ -389,15 +398,16 @@ FRAGMENTED = ref.Config("adam", param_sync_every=4, state_sync_every={"exp_avg":
                         fragments=2)
 
 
-@pytest.mark.parametrize("tau", [0, 1])
-def test_fragments_match_the_reference_after_every_step(tau):
-    # fragment 0 = [W1] (35 elements), fragment 1 = [b1, W2, b2] (31): offsets 0 and 2
+@pytest.mark.parametrize("tau, lam", [(0, 1.0), (1, 1.0), (1, 0.5)])
+def test_fragments_match_the_reference_after_every_step(tau, lam):
+    # fragment 0 = [W1] (35 elements), fragment 1 = [b1, W2, b2] (31): offsets 0 and 2; with lam < 1 each
+    # fragment extrapolates from its own previous mean
     n_calls = 13
     config = DeslocConfig(param_sync_every=4, state_sync_every={"exp_avg": 8, "exp_avg_sq": 12}, fragments=2,
-                          overlap_steps=tau)
+                          overlap_steps=tau, overlap_local_weight=lam)
     out = run_on_threads(train, 3, FRAGMENTED, n_calls, config)
     want = (ref.simulate(FRAGMENTED, n_calls, workers=3) if tau == 0
-            else ref.simulate_overlapped(FRAGMENTED, n_calls, tau, workers=3))
+            else ref.simulate_overlapped(FRAGMENTED, n_calls, tau, workers=3, local_weight=lam))
     for call in range(n_calls + 1):
         for rank in range(3):
             ref.assert_snapshot_matches(out[rank]["history"][call], want[call][rank], f"call {call}, rank {rank}")

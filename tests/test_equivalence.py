@@ -76,7 +76,8 @@ CASES = {
 }
 
 
-def run_fit(tmp_path, cfg: ref.Config, n_calls: int, state_sync_every, manual: bool, overlap_steps: int = 0):
+def run_fit(tmp_path, cfg: ref.Config, n_calls: int, state_sync_every, manual: bool, overlap_steps: int = 0,
+            overlap_local_weight: float = 1.0):
     """One real 2-process fit; returns the strategy of the main process and each rank's records."""
     kwargs = {"accumulate_grad_batches": cfg.accumulate}
     if cfg.clip_norm is not None and not manual:  # manual optimization clips in training_step
@@ -84,7 +85,8 @@ def run_fit(tmp_path, cfg: ref.Config, n_calls: int, state_sync_every, manual: b
     if cfg.skip_calls:
         kwargs["plugins"] = [MixedPrecision(precision="16-mixed", device="cpu", scaler=torch.amp.GradScaler("cpu"))]
     strategy = DeslocStrategy(param_sync_every=cfg.param_sync_every, state_sync_every=state_sync_every,
-                              overlap_steps=overlap_steps, ddp_warmup_steps=cfg.ddp_warmup_steps,
+                              overlap_steps=overlap_steps, overlap_local_weight=overlap_local_weight,
+                              ddp_warmup_steps=cfg.ddp_warmup_steps,
                               fragments=cfg.fragments, start_method=START_METHOD)
     model = Mlp(cfg, n_calls, manual=manual)
     model.double()
@@ -157,18 +159,23 @@ def test_reference_averages_on_the_documented_steps():
             assert same == (s % period == 0), (s, key)
 
 
-def test_overlapped_fit_matches_the_delayed_reference(tmp_path):
+@pytest.mark.parametrize("lam", [1.0, 0.25])
+def test_overlapped_fit_matches_the_delayed_reference(tmp_path, lam):
     # overlap_steps=2: every average lands two optimizer steps after the step that made it due, each rank
-    # keeping its progress since (rules re-derived in reference.simulate_overlapped)
+    # keeping its progress since (lam = 0.25: a quarter of it, the rest the mean's extrapolated progress;
+    # rules re-derived in reference.simulate_overlapped)
     cfg = ref.Config("adam", param_sync_every=3, state_sync_every={"exp_avg": 4, "exp_avg_sq": 6}, lr=2e-2,
                      accumulate=2)
     n_calls, tau = 14, 2
-    strategy, ranks = run_fit(tmp_path, cfg, n_calls, cfg.state_sync_every, False, overlap_steps=tau)
-    history = ref.simulate_overlapped(cfg, n_calls, tau, workers=WORLD, init=ref.start_params(0, cfg.seed))
+    strategy, ranks = run_fit(tmp_path, cfg, n_calls, cfg.state_sync_every, False, overlap_steps=tau,
+                              overlap_local_weight=lam)
+    history = ref.simulate_overlapped(cfg, n_calls, tau, workers=WORLD, init=ref.start_params(0, cfg.seed),
+                                      local_weight=lam)
     for r in range(WORLD):
         for call, (got, want) in enumerate(zip(ranks[r]["history"], history)):
             ref.assert_snapshot_matches(got, want[r], f"overlap: rank {r} after optimizer-step call {call}")
-    # the delayed rule keeps the mean: after fit every rank holds the mean of the last local parameters
+    # nothing is in flight after step 14 (the last rounds, of steps 12, land at 14): after fit every rank
+    # holds the mean of the last local parameters
     expected_final = ref.consensus(history[-1])
     for r in range(WORLD):
         torch.testing.assert_close(ranks[r]["final"], expected_final, **ref.SNAPSHOT_TOL)
