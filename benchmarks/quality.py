@@ -20,7 +20,7 @@ DES-LOC (K_u = 3 K_x, K_v = 6 K_x), and DES-LOC with: bf16 averaging, bf16 param
 int8 everywhere, the outer Nesterov step (``outer_lr=0.7, outer_momentum=0.9``), and
 ``param_sync_every="auto"``. Rounds overlapped with compute and streamed in fragments (issue 13) are
 named by their options: ``"DES-LOC tau=3"`` (``overlap_steps=3``), ``"DES-LOC F=4"`` (``fragments=4``),
-``"DES-LOC F=4 tau=1"`` (both):
+``"DES-LOC F=4 tau=1"`` (both), ``"DES-LOC tau=7 lam=0.25"`` (``overlap_local_weight=0.25``):
 
     python benchmarks/quality.py --k 8 --steps 600 --schemes DES-LOC "DES-LOC tau=1" "DES-LOC F=4 tau=1"
 
@@ -83,9 +83,10 @@ def scheme_args(name: str, k: int) -> tuple[str, list[str]]:
     if name.startswith("DES-LOC K_v="):  # sensitivity: K_u = 3 K_x, K_v as named
         k_v = int(name.split("=")[1])
         return "desloc", base + [f'{S}state_sync_every={{"exp_avg": {3 * k}, "exp_avg_sq": {k_v}}}']
-    if name.startswith(("DES-LOC tau=", "DES-LOC F=")):  # "DES-LOC F=4 tau=1": fragments and/or overlap_steps
-        keys = {"tau": "overlap_steps", "F": "fragments"}
-        return "desloc", base + [f"{S}{keys[key]}={int(v)}" for key, v in (w.split("=") for w in name.split()[1:])]
+    if name.startswith(("DES-LOC tau=", "DES-LOC F=")):  # "DES-LOC F=4 tau=1 lam=0.25": fragments, overlap
+        keys = {"tau": "overlap_steps", "F": "fragments", "lam": "overlap_local_weight"}
+        return "desloc", base + [f"{S}{keys[key]}={float(v) if key == 'lam' else int(v)}"
+                                 for key, v in (w.split("=") for w in name.split()[1:])]
     return "desloc", base + extra[name]
 
 

@@ -24,8 +24,9 @@ too; for DDP one gradient per step (``common.bytes_sent_by_step``).
 ``--link delay`` runs every node pair over ``delayline.DelayLink`` instead (tun devices and a userspace
 delay line: ``--rate`` and ``--latency-ms`` one way, default 25 ms); ``--overlap-steps TAU`` adds, for each
 numeric ``--k``, a DES-LOC run with ``overlap_steps=TAU`` (``k-1``: K - 1) next to the blocking one;
-``--variants SPEC`` adds one with any mix of ``F`` (``fragments``) and ``tau`` (``overlap_steps``):
-``F=4,tau=1`` is ``fragments=4, overlap_steps=1``, labelled "DES-LOC (K_x=8, F=4, tau=1)".
+``--variants SPEC`` adds one with any mix of ``F`` (``fragments``), ``tau`` (``overlap_steps``) and ``lam``
+(``overlap_local_weight``): ``F=4,tau=1`` is ``fragments=4, overlap_steps=1``, labelled
+"DES-LOC (K_x=8, F=4, tau=1)"; ``tau=k-1,lam=0.5`` is ``overlap_steps=K_x - 1, overlap_local_weight=0.5``.
 
     sudo python benchmarks/time_to_loss.py                 # ~8.5 minutes
     sudo python benchmarks/time_to_loss.py --link delay --latency-ms 25 --k 8 --overlap-steps k-1
@@ -59,24 +60,29 @@ def time_to(metrics: Metrics, target: float) -> Optional[tuple[int, float]]:
     return None
 
 
-VARIANT_KEYS = {"F": "fragments", "tau": "overlap_steps"}
+VARIANT_KEYS = {"F": "fragments", "tau": "overlap_steps", "lam": "overlap_local_weight"}
 
 
 def parse_variant(spec: str) -> dict[str, str]:
-    """``"F=4,tau=1"`` -> ``{"F": "4", "tau": "1"}`` (F first: the label's order), checked.
+    """``"F=4,tau=1"`` -> ``{"F": "4", "tau": "1"}`` (the label's order: F, tau, lam), checked.
 
     >>> parse_variant("tau=3,F=2")
     {'F': '2', 'tau': '3'}
+    >>> parse_variant("lam=0.5,tau=k-1")
+    {'tau': 'k-1', 'lam': '0.5'}
     >>> parse_variant("fragments=2")
     Traceback (most recent call last):
     ...
-    ValueError: --variants takes F=N and tau=N (or tau=k-1) joined by commas, e.g. F=4,tau=1; got 'fragments=2'
+    ValueError: --variants takes F=N, tau=N (or tau=k-1) and lam=X joined by commas, e.g. F=4,tau=1; got 'fragments=2'
     """
     out = {}
     for word in spec.split(","):
         name, _, value = word.partition("=")
-        if name not in VARIANT_KEYS or not (value.isdigit() or (name == "tau" and value == "k-1")):
-            raise ValueError(f"--variants takes F=N and tau=N (or tau=k-1) joined by commas, e.g. F=4,tau=1; got {spec!r}")
+        ok = (value.replace(".", "", 1).isdigit() if name == "lam"
+              else value.isdigit() or (name == "tau" and value == "k-1"))
+        if name not in VARIANT_KEYS or not ok:
+            raise ValueError("--variants takes F=N, tau=N (or tau=k-1) and lam=X joined by commas, e.g. F=4,tau=1; "
+                             f"got {spec!r}")
         out[name] = value
     return {name: out[name] for name in VARIANT_KEYS if name in out}
 
@@ -241,7 +247,8 @@ def main() -> int:
                 run(f"Local Adam (K={k})", "local-adam", k, local_steps, target)
             run(f"DES-LOC (K_x={k})", "desloc", k, local_steps, target)
             for variant in variants:
-                opts = {name: int(k) - 1 if v == "k-1" else int(v) for name, v in variant.items()}
+                opts = {name: int(k) - 1 if v == "k-1" else float(v) if name == "lam" else int(v)
+                        for name, v in variant.items()}
                 options = [f"--trainer.strategy.init_args.{VARIANT_KEYS[name]}={v}" for name, v in opts.items()]
                 extra.extend(options)
                 run(f"DES-LOC (K_x={k}, " + ", ".join(f"{n}={v}" for n, v in opts.items()) + ")", "desloc", k,
