@@ -332,6 +332,26 @@ def test_overlapped_rounds_match_the_delayed_reference_after_every_step(cfg, tau
     assert not torch.equal(last[0], last[1])
 
 
+@pytest.mark.parametrize("dropped", [False, True])
+def test_the_local_weight_mix_by_hand_and_a_dropped_rank_keeps_the_mean(dropped):
+    # live parameters after the delayed rule (mean + own progress) [1, 2 | 3], the landed mean [0.5, 1, 2],
+    # the previous mean [0, 0, 1] of the round 8 steps earlier, 7 steps in flight, lam = 0.5:
+    # x = mean + 0.5 * own + 0.5 * (7 / 8) * (mean - previous) = [0.96875, 1.9375, 2.9375]
+    from lightning_desloc.overlap import OverlappedRounds, PendingRound
+    rounds = OverlappedRounds(7, local_weight=0.5)
+    live = [torch.tensor([1.0, 2.0]), torch.tensor([3.0])]
+    mean, previous = torch.tensor([0.5, 1.0, 2.0]), torch.tensor([0.0, 0.0, 1.0])
+    rounds.previous_means[(0, (), 0)] = (8, previous)
+    pending = PendingRound(0, SyncPlan(16, True, (), False), 23, buckets={"params": [(torch.zeros(3), mean)]},
+                           drop=torch.tensor(dropped))
+    rounds._mix_in_consensus_progress(pending, live, elapsed=7)
+    # a rank left out by on_nonfinite keeps what the guarded rule gave it (the mean alone, set before)
+    want = [[1.0, 2.0], [3.0]] if dropped else [[0.96875, 1.9375], [2.9375]]
+    assert [t.tolist() for t in live] == want
+    step, kept = rounds.previous_means[(0, (), 0)]
+    assert step == 16 and kept.tolist() == [0.5, 1.0, 2.0]
+
+
 def test_overlap_steps_must_be_shorter_than_every_period():
     with pytest.raises(ValueError, match=r"overlap_steps=4 must be shorter than every period.*'param_sync_every': 4"):
         DeslocConfig(param_sync_every=4, overlap_steps=4)
