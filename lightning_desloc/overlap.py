@@ -205,10 +205,10 @@ class OverlappedRounds(BlockingRounds):
         due = [p for p in self.pending if p.index == index and (everything or p.apply_at <= step)]
         for pending in due:
             pending.wait()
-            _apply(pending, optimizer, due_tensors(index, pending.plan), self.overlap_steps, on_control, on_landed)
+            tensors = due_tensors(index, pending.plan)
+            _apply(pending, optimizer, tensors, self.overlap_steps, on_control, on_landed)
             if self.local_weight < 1 and "params" in pending.buckets:
-                self._mix_in_consensus_progress(pending, due_tensors(index, pending.plan)["params"],
-                                                step - pending.plan.step)
+                self._mix_in_consensus_progress(pending, tensors["params"], step - pending.plan.step)
             self.pending.remove(pending)
         return bool(due)
 
