@@ -205,35 +205,31 @@ class OverlappedRounds(BlockingRounds):
         due = [p for p in self.pending if p.index == index and (everything or p.apply_at <= step)]
         for pending in due:
             pending.wait()
-            tensors = due_tensors(index, pending.plan)
-            _apply(pending, optimizer, tensors, self.overlap_steps, on_control, on_landed)
-            if self.local_weight < 1 and "params" in pending.buckets:
-                self._mix_in_consensus_progress(pending, tensors["params"], step - pending.plan.step)
+            mix = self._consensus_progress(pending, step - pending.plan.step) if self.local_weight < 1 else None
+            _apply(pending, optimizer, due_tensors(index, pending.plan), self.overlap_steps, on_control, on_landed,
+                   mix=mix)
             self.pending.remove(pending)
         return bool(due)
 
-    def _mix_in_consensus_progress(self, pending: PendingRound, params: Sequence[Tensor], elapsed: int) -> None:
-        """``overlap_local_weight``: after :func:`_apply` left ``mean + own`` in the parameters, turn
-        ``(1 - lam)`` of the own progress into the consensus's, extrapolated (module docstring)."""
-        buckets = pending.buckets.get("params", [])
+    def _consensus_progress(self, pending: PendingRound, elapsed: int) -> Callable[[int, Tensor, Tensor], Tensor]:
+        """``overlap_local_weight``: ``mix(bucket, x, mean)`` turns ``x = mean + own`` (a parameter bucket
+        after the delayed rule) into ``mean + lam own + (1 - lam) (e / P) (mean - previous mean)`` (module
+        docstring) and keeps ``mean`` as the bucket's previous mean."""
         fragments = tuple(f for f, has_params, _ in pending.plan.parts if has_params)
         lam = self.local_weight
-        with torch.no_grad():
-            for i, (live, (_, mean)) in enumerate(zip(_match(params, buckets), buckets)):
-                key = (pending.index, fragments, i)
-                previous = self.previous_means.get(key)
-                if previous is not None and elapsed > 0:
-                    prev_step, prev_mean = previous
-                    now = torch.cat([t.detach().reshape(-1) for t in live])
-                    mean_ = mean.to(now.dtype)
-                    # now = mean + own  ->  mean + lam * own + (1 - lam) * (e / P) * (mean - prev_mean)
-                    rate = (1 - lam) * elapsed / (pending.plan.step - prev_step)
-                    mixed = (now - mean_).mul_(lam).add_(mean_).add_(mean_ - prev_mean.to(now.dtype), alpha=rate)
-                    if pending.drop is not None:  # a rank left out keeps the mean alone (on_nonfinite)
-                        drop = pending.drop if pending.drop.device == now.device else pending.drop.to(now.device)
-                        mixed = torch.where(drop, now, mixed)
-                    unflatten_into(mixed, live)
-                self.previous_means[key] = (pending.plan.step, mean.clone())
+
+        def mix(bucket: int, x: Tensor, mean: Tensor) -> Tensor:
+            key = (pending.index, fragments, bucket)
+            previous = self.previous_means.get(key)
+            self.previous_means[key] = (pending.plan.step, mean.clone())
+            if previous is None or elapsed <= 0:  # the first round of a run (or of a consensus resume)
+                return x
+            prev_step, prev_mean = previous
+            mean_ = mean.to(x.dtype)
+            rate = (1 - lam) * elapsed / (pending.plan.step - prev_step)
+            return x.sub_(mean_).mul_(lam).add_(mean_).add_(mean_ - prev_mean.to(x.dtype), alpha=rate)
+
+        return mix
 
     def finish(self) -> None:
         """Wait until every round in flight has arrived (they are still applied at their step)."""
@@ -285,11 +281,13 @@ class OverlappedRounds(BlockingRounds):
 
 
 def _apply(pending: PendingRound, optimizer: Optimizer, tensors: Mapping[str, Sequence[Tensor]], tau: int,
-           on_control: Callable[[Tensor], None], on_landed: Optional[OnLanded] = None) -> None:
+           on_control: Callable[[Tensor], None], on_landed: Optional[OnLanded] = None,
+           mix: Optional[Callable[[int, Tensor, Tensor], Tensor]] = None) -> None:
     """The rules of the module docstring, bucket by bucket, on the live ``tensors`` of the round's plan:
     first the control values arrive and ``on_landed`` sees the means (``on_nonfinite`` rescales them to
     the finite ranks' mean, in place), then each bucket is applied; a rank whose ``drop`` flag is set
-    takes ``decay * mean`` alone (``torch.where`` on the device flag: no host read)."""
+    takes ``decay * mean`` alone (``torch.where`` on the device flag: no host read). ``mix(bucket, x, mean)``
+    (``overlap_local_weight``) reshapes each parameter bucket first."""
     with torch.no_grad():
         control = pending.buckets.get("control")
         if control:
@@ -303,9 +301,11 @@ def _apply(pending: PendingRound, optimizer: Optimizer, tensors: Mapping[str, Se
             key = cat[len("state/"):] if cat.startswith("state/") else None
             beta = state_decay(optimizer, key) if key is not None else None
             decay = 1.0 if beta is None else beta ** tau
-            for live, (mine, mean) in zip(_match(tensors[cat], buckets), buckets):
+            for i, (live, (mine, mean)) in enumerate(zip(_match(tensors[cat], buckets), buckets)):
                 now = torch.cat([t.detach().reshape(-1) for t in live])
                 new = now.add_(mean.to(now.dtype), alpha=decay).sub_(mine.to(now.dtype), alpha=decay)
+                if mix is not None and cat == "params":
+                    new = mix(i, new, mean)
                 if pending.drop is not None:  # a rank left out: its progress since the snapshot is not finite
                     drop = pending.drop if pending.drop.device == new.device else pending.drop.to(new.device)
                     new = torch.where(drop, mean.to(new.dtype) * decay, new)

@@ -334,19 +334,21 @@ def test_overlapped_rounds_match_the_delayed_reference_after_every_step(cfg, tau
 
 @pytest.mark.parametrize("dropped", [False, True])
 def test_the_local_weight_mix_by_hand_and_a_dropped_rank_keeps_the_mean(dropped):
-    # live parameters after the delayed rule (mean + own progress) [1, 2 | 3], the landed mean [0.5, 1, 2],
-    # the previous mean [0, 0, 1] of the round 8 steps earlier, 7 steps in flight, lam = 0.5:
-    # x = mean + 0.5 * own + 0.5 * (7 / 8) * (mean - previous) = [0.96875, 1.9375, 2.9375]
+    # live parameters [1.5, 2.5 | 3] and this rank's snapshot [1, 1.5, 1] with the landed mean [0.5, 1, 2]:
+    # the delayed rule gives mean + own = [1, 2, 4]; with the previous mean [0, 0, 1] of the round 8 steps
+    # earlier, 7 steps in flight, lam = 0.5: mean + 0.5 own + 0.5 (7 / 8) (mean - previous)
+    # = [0.96875, 1.9375, 3.4375]; a rank left out by on_nonfinite takes the mean alone
     from lightning_desloc.overlap import OverlappedRounds, PendingRound
     rounds = OverlappedRounds(7, local_weight=0.5)
-    live = [torch.tensor([1.0, 2.0]), torch.tensor([3.0])]
+    live = [torch.tensor([1.5, 2.5]), torch.tensor([3.0])]
     mean, previous = torch.tensor([0.5, 1.0, 2.0]), torch.tensor([0.0, 0.0, 1.0])
     rounds.previous_means[(0, (), 0)] = (8, previous)
-    pending = PendingRound(0, SyncPlan(16, True, (), False), 23, buckets={"params": [(torch.zeros(3), mean)]},
-                           drop=torch.tensor(dropped))
-    rounds._mix_in_consensus_progress(pending, live, elapsed=7)
-    # a rank left out by on_nonfinite keeps what the guarded rule gave it (the mean alone, set before)
-    want = [[1.0, 2.0], [3.0]] if dropped else [[0.96875, 1.9375], [2.9375]]
+    rounds.pending = [PendingRound(0, SyncPlan(16, True, (), False), 23,
+                                   buckets={"params": [(torch.tensor([1.0, 1.5, 1.0]), mean)]},
+                                   drop=torch.tensor(dropped))]
+    opt = torch.optim.SGD([torch.zeros(1)], lr=0.1)
+    assert rounds.apply_due(0, 23, opt, lambda index, plan: {"params": live}, lambda control: None)
+    want = [[0.5, 1.0], [2.0]] if dropped else [[0.96875, 1.9375], [3.4375]]
     assert [t.tolist() for t in live] == want
     step, kept = rounds.previous_means[(0, (), 0)]
     assert step == 16 and kept.tolist() == [0.5, 1.0, 2.0]
