@@ -143,7 +143,7 @@ def main() -> int:
                     help="for each numeric --k, also DES-LOC with overlap_steps=TAU ('k-1': K - 1)")
     ap.add_argument("--variants", nargs="+", default=[], metavar="SPEC",
                     help="for each numeric --k, also DES-LOC with these options: 'F=4,tau=1' is fragments=4, "
-                         "overlap_steps=1 ('tau=k-1': K - 1)")
+                         "overlap_steps=1 ('tau=k-1': K - 1); 'lam=0.5' is overlap_local_weight=0.5")
     ap.add_argument("--no-local-adam", action="store_true", help="skip the Local Adam runs")
     ap.add_argument("--loopback", action="store_true", help="no namespaces: both nodes on 127.0.0.1")
     ap.add_argument("--out", default="runs/slow-link/time-to-loss", help="CSV logs (one directory per run)")
