@@ -12,6 +12,10 @@ so the step never branches on the variant:
       x   <- mean_m(x_s) + (x_{s+tau} - x_s)                              parameters, floating buffers
       k   <- d * mean_m(k_s) + (k_{s+tau} - d * k_s),   d = beta_k ** tau  each due optimizer state k
 
+  A round that must land early (the end of training, a round ``on_nonfinite`` runs before a save, both
+  applied at once) uses the steps it was really in flight, ``e < tau``, for ``tau`` (``d = beta_k ** e``):
+  one that lands right after it started (``e = 0``) leaves exactly the mean, as a blocking round does.
+
   For an exponential moving average ``k_t = beta k_{t-1} + (1 - beta) f(g_t)`` (Adam's ``exp_avg``
   with ``beta1`` and ``exp_avg_sq`` with ``beta2``, SGD's ``momentum_buffer`` with ``momentum``,
   RMSprop's ``square_avg`` with ``alpha``), ``k_{s+tau} - d k_s`` is exactly what the rank's own
@@ -205,9 +209,9 @@ class OverlappedRounds(BlockingRounds):
         due = [p for p in self.pending if p.index == index and (everything or p.apply_at <= step)]
         for pending in due:
             pending.wait()
-            mix = self._consensus_progress(pending, step - pending.plan.step) if self.local_weight < 1 else None
-            _apply(pending, optimizer, due_tensors(index, pending.plan), self.overlap_steps, on_control, on_landed,
-                   mix=mix)
+            elapsed = step - pending.plan.step  # tau, unless the round lands early (everything=True)
+            mix = self._consensus_progress(pending, elapsed) if self.local_weight < 1 else None
+            _apply(pending, optimizer, due_tensors(index, pending.plan), elapsed, on_control, on_landed, mix=mix)
             self.pending.remove(pending)
         return bool(due)
 
@@ -280,10 +284,11 @@ class OverlappedRounds(BlockingRounds):
             self.pending.append(PendingRound(int(entry["index"]), plan, int(entry["apply_at"]), buckets, drop=drop))
 
 
-def _apply(pending: PendingRound, optimizer: Optimizer, tensors: Mapping[str, Sequence[Tensor]], tau: int,
+def _apply(pending: PendingRound, optimizer: Optimizer, tensors: Mapping[str, Sequence[Tensor]], elapsed: int,
            on_control: Callable[[Tensor], None], on_landed: Optional[OnLanded] = None,
            mix: Optional[Callable[[int, Tensor, Tensor], Tensor]] = None) -> None:
-    """The rules of the module docstring, bucket by bucket, on the live ``tensors`` of the round's plan:
+    """The rules of the module docstring, bucket by bucket, on the live ``tensors`` of the round's plan,
+    ``elapsed`` steps after its snapshot (``tau``, or fewer when it lands early; ``d = beta ** elapsed``):
     first the control values arrive and ``on_landed`` sees the means (``on_nonfinite`` rescales them to
     the finite ranks' mean, in place), then each bucket is applied; a rank whose ``drop`` flag is set
     takes ``decay * mean`` alone (``torch.where`` on the device flag: no host read). ``mix(bucket, x, mean)``
@@ -300,10 +305,12 @@ def _apply(pending: PendingRound, optimizer: Optimizer, tensors: Mapping[str, Se
                 continue
             key = cat[len("state/"):] if cat.startswith("state/") else None
             beta = state_decay(optimizer, key) if key is not None else None
-            decay = 1.0 if beta is None else beta ** tau
+            decay = 1.0 if beta is None else beta ** elapsed
             for i, (live, (mine, mean)) in enumerate(zip(_match(tensors[cat], buckets), buckets)):
                 now = torch.cat([t.detach().reshape(-1) for t in live])
-                new = now.add_(mean.to(now.dtype), alpha=decay).sub_(mine.to(now.dtype), alpha=decay)
+                # own progress first, then the mean: a round landing at once (now == mine, d = 1) leaves
+                # exactly the mean, bit for bit the same on every rank
+                new = now.sub_(mine.to(now.dtype), alpha=decay).add_(mean.to(now.dtype), alpha=decay)
                 if mix is not None and cat == "params":
                     new = mix(i, new, mean)
                 if pending.drop is not None:  # a rank left out: its progress since the snapshot is not finite

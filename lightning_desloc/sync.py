@@ -470,6 +470,9 @@ class DeslocSync:
             for option, _ in self._control_slices:
                 plan = option.adjust(step, plan, optimizer)
             if not plan.empty:
+                # overlap_steps: rounds in flight land first, so the healing round's snapshot is what every
+                # rank holds now (it carries everything, so their rules are kept in its mean)
+                self._apply_all_rounds()
                 keys = self._state_keys[index] or tuple(sorted(averaged_state_keys(optimizer)))
                 plans = [SyncPlan(step, False)] * (len(self.levels) - 1) + [plan]
                 self._run_rounds(optimizer, plans, keys, with_buffers=index == 0)
@@ -504,6 +507,7 @@ class DeslocSync:
             return
         steps = self.optimizer_steps[0] if self.optimizer_steps else 0
         guard.found_before(before, bad, world, steps)  # raises with "raise", or with no finite rank
+        self._apply_all_rounds()  # overlap_steps: rounds in flight land before the healing rounds' snapshot
         for index, optimizer in enumerate(self.optimizers):
             step = self.optimizer_steps[index] - self.config.ddp_warmup_steps
             keys = () if self.config.state_policy == "keep_local" else tuple(sorted(averaged_state_keys(optimizer)))

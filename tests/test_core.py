@@ -354,6 +354,83 @@ def test_the_local_weight_mix_by_hand_and_a_dropped_rank_keeps_the_mean(dropped)
     assert step == 16 and kept.tolist() == [0.5, 1.0, 2.0]
 
 
+def _early_landing(rank, world, comm, heal):
+    """K_x = 4, exp_avg every 4 (exp_avg_sq every 8), tau = 3: the round after step 4 is in flight after
+    step 5. ``heal``: rank 2's exp_avg goes NaN and ``check_finite_now`` runs its healing round of
+    everything, landing at once; else ``reach_consensus`` (the end of training) lands the round early."""
+    cfg = ref.Config("adam", 4, {"exp_avg": 4, "exp_avg_sq": 8}, lr=0.05)
+    config = DeslocConfig(param_sync_every=4, state_sync_every={"exp_avg": 4, "exp_avg_sq": 8}, overlap_steps=3,
+                          on_nonfinite="heal" if heal else "raise")
+    with _init:
+        net, opt = make_worker(cfg)
+    core = DeslocSync(config, comm=comm)
+    core.attach([opt])
+    history = []
+    for call in range(5):
+        local_step(core, net, opt, rank, call)
+        history.append(snapshot(net, opt, cfg.state_keys()))
+    in_flight = core.rounds.in_flight
+    if heal:
+        if rank == 2:
+            opt.state[next(iter(net.parameters()))]["exp_avg"].fill_(float("nan"))
+        before = snapshot(net, opt, cfg.state_keys())
+        core.check_finite_now()
+    else:
+        before = history[-1]
+        core.reach_consensus(net)
+    return {"history": history, "before": before, "after": snapshot(net, opt, cfg.state_keys()),
+            "in_flight": in_flight, "left": core.rounds.in_flight}
+
+
+def _mean(tensors):
+    return torch.stack(tensors).mean(dim=0)
+
+
+def test_a_round_landing_early_uses_the_steps_it_was_in_flight_and_the_closing_round_is_exact():
+    # the end of training after step 5 lands the round of step 4 (params and exp_avg) one step after its
+    # snapshot: exp_avg <- beta1 mean(k_4) + (k_5 - beta1 k_4) (e = 1, not tau = 3), exp_avg_sq untouched;
+    # then the closing round leaves every rank bit for bit the same parameters, the mean of the landed ones
+    out = run_on_threads(_early_landing, 3, False)
+    beta1 = 0.9
+    assert all(r["in_flight"] == 1 and r["left"] == 0 for r in out)
+    landed = []
+    for r in out:
+        for i, k5 in enumerate(r["before"]["state"]["exp_avg"]):
+            k4 = r["history"][3]["state"]["exp_avg"][i]
+            want = beta1 * _mean([o["history"][3]["state"]["exp_avg"][i] for o in out]) + (k5 - beta1 * k4)
+            torch.testing.assert_close(r["after"]["state"]["exp_avg"][i], want, rtol=1e-12, atol=1e-14)
+        assert all(torch.equal(a, b) for a, b in zip(r["after"]["state"]["exp_avg_sq"], r["before"]["state"]["exp_avg_sq"]))
+        landed.append([_mean([o["history"][3]["params"][i] for o in out]) + (x5 - r["history"][3]["params"][i])
+                       for i, x5 in enumerate(r["before"]["params"])])
+    for i in range(len(landed[0])):
+        torch.testing.assert_close(out[0]["after"]["params"][i], _mean([ls[i] for ls in landed]), rtol=1e-12, atol=1e-14)
+        assert all(torch.equal(out[0]["after"]["params"][i], r["after"]["params"][i]) for r in out[1:])
+
+
+def test_a_healing_round_before_a_save_leaves_the_finite_ranks_mean_with_overlap():
+    # on_nonfinite="heal" with overlap_steps: check_finite_now first lands the round of step 4 (e = 1), then
+    # its full round of everything lands at once (e = 0): every rank, the NaN one too, holds exactly the
+    # finite ranks' (0 and 1) mean of what they held after that landing
+    out = run_on_threads(_early_landing, 3, True)
+    beta1 = 0.9
+    assert all(r["in_flight"] == 1 and r["left"] == 0 for r in out)
+
+    def at(r, what, i, step):  # rank r's value after step 4 or 5 (5: just before check_finite_now)
+        snap = r["history"][step - 1] if step == 4 else r["before"]
+        return snap["params"][i] if what == "params" else snap["state"][what][i]
+
+    for what, decay in (("params", 1.0), ("exp_avg", beta1), ("exp_avg_sq", None)):  # exp_avg_sq: not in it
+        for i in range(len(out[0]["after"]["params"])):
+            if decay is None:
+                landed = [at(r, what, i, 5) for r in out[:2]]
+            else:
+                mean4 = _mean([at(r, what, i, 4) for r in out])
+                landed = [decay * mean4 + (at(r, what, i, 5) - decay * at(r, what, i, 4)) for r in out[:2]]
+            values = [r["after"]["params"][i] if what == "params" else r["after"]["state"][what][i] for r in out]
+            torch.testing.assert_close(values[0], _mean(landed), rtol=1e-12, atol=1e-14, msg=f"{what} {i}")
+            assert all(torch.equal(values[0], v) for v in values[1:]), (what, i)
+
+
 def test_overlap_steps_must_be_shorter_than_every_period():
     with pytest.raises(ValueError, match=r"overlap_steps=4 must be shorter than every period.*'param_sync_every': 4"):
         DeslocConfig(param_sync_every=4, overlap_steps=4)
