@@ -17,7 +17,7 @@ ifneq ($(want_version),$(have_version))
 $(STAMP): .FORCE
 endif
 
-.PHONY: help demo test bench-smoke check-env env .FORCE
+.PHONY: help demo test bench-smoke gpu-on-cpu check-env env .FORCE
 
 help:
 	@echo 'make demo        build .venv if needed, then train the tiny GPT example on 2 CPU processes'
@@ -26,6 +26,8 @@ help:
 	@echo '                 (make test ARGS="tests/test_schedule.py -q"; no tests collected is a failure)'
 	@echo 'make bench-smoke build .venv if needed, then the benchmark scripts end to end (--smoke), which'
 	@echo '                 make test leaves out (python -m pytest -m bench_smoke; CI runs both)'
+	@echo 'make gpu-on-cpu  build .venv if needed, then tests/gpu on CPU with plain gloo (DESLOC_GPU_TESTS_ON_CPU=1):'
+	@echo '                 the GPU tests'"'"' own expectations, which make test skips without CUDA (CI runs it)'
 	@echo 'make check-env   build .venv if needed, then import lightning, torch, litdata, torchmetrics, lightning_desloc'
 	@echo 'make env         only build or refresh .venv (python3 -m venv .venv; pip install -e ".[dev]")'
 	@echo 'PYTHON=python3.12 make ...   build .venv with another interpreter (default: python3)'
@@ -66,4 +68,13 @@ bench-smoke: $(STAMP)
 	@status=0; $(VPY) -m pytest -m bench_smoke $(ARGS) || status=$$?; \
 	if [ $$status -eq 5 ]; then \
 	  echo "make bench-smoke: pytest collected no tests (exit 5); that is a failure" >&2; exit 1; fi; \
+	exit $$status
+
+# tests/gpu skip without CUDA; on CPU they still check their harness and their own expectations, so that
+# a stale expectation is found here and not on the first GPU a session is lent.
+gpu-on-cpu: $(STAMP)
+	$(info DESLOC_GPU_TESTS_ON_CPU=1 $(VPY) -m pytest tests/gpu -q $(ARGS))
+	@status=0; DESLOC_GPU_TESTS_ON_CPU=1 $(VPY) -m pytest tests/gpu -q $(ARGS) || status=$$?; \
+	if [ $$status -eq 5 ]; then \
+	  echo "make gpu-on-cpu: pytest collected no tests (exit 5); that is a failure" >&2; exit 1; fi; \
 	exit $$status

@@ -265,6 +265,13 @@ def scenario_overlap(args, out):
     return fit_once(args, out, dict(param_sync_every=4, state_sync_every=8, overlap_steps=1), max_steps=10)
 
 
+def scenario_overlap_lam(args, out):
+    """As ``overlap`` with ``overlap_local_weight=0.5``: the round after step 8 mixes in the consensus's
+    progress since the round after step 4 (the first round keeps lam = 1)."""
+    return fit_once(args, out, dict(param_sync_every=4, state_sync_every=8, overlap_steps=1, overlap_local_weight=0.5),
+                    max_steps=10)
+
+
 def scenario_bf16(args, out):
     return fit_once(args, out, dict(param_sync_every=2, state_sync_every=4), max_steps=4, precision="bf16-true")
 

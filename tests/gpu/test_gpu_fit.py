@@ -30,15 +30,16 @@ P8 = model_bytes(8)  # float64
 
 def expected_fit_ledger():
     """The ``fit`` scenario: 8 steps, K_x=2, exp_avg every 4, exp_avg_sq every 8; validation after steps
-    3 (ranks differ: one consensus round) and 6 (just averaged: none); ModelCheckpoint after steps 4 and 8,
-    each save one consensus round of the parameters and both moments."""
+    3 (ranks differ: one consensus round) and 6 (just averaged: none); ModelCheckpoint after steps 4 and 8:
+    a save sends only what differs between ranks, so after step 4 (parameters and exp_avg just averaged)
+    exp_avg_sq alone, after step 8 (everything just averaged) nothing."""
     return {
         "params": (8 // 2) * P4,
         "state/exp_avg": (8 // 4) * P4,
         "state/exp_avg_sq": (8 // 8) * P4,
         "setup": P4,  # rank 0's weights, broadcast once
         "eval": 1 * P4,
-        "checkpoint": 2 * 3 * P4,
+        "checkpoint": 1 * P4,
     }
 
 

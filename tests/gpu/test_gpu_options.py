@@ -123,6 +123,22 @@ def test_overlapped_rounds_land_one_step_later_keeping_local_progress(tmp_path):
         assert torch.equal(result["final"], mean_over_ranks([r["post"][10] for r in ranks]))
 
 
+def test_overlap_local_weight_mixes_in_the_consensus_progress_on_the_device(tmp_path):
+    # the last mean lives on the device (a CPU copy would fail under the CUDA-only group); the rule by hand:
+    # x <- mean(x_s) + lam (x_{s+1} - x_s) + (1 - lam) (tau / K_x) (mean(x_s) - mean(x_{s-K_x}))
+    ranks = launch("overlap_lam", tmp_path)
+    assert_trained_on(ranks, [SHARED_DEVICE] * 2)
+    mean4 = mean_over_ranks([r["pre"][4]["params"] for r in ranks])
+    mean8 = mean_over_ranks([r["pre"][8]["params"] for r in ranks])
+    for result in ranks:
+        first = mean4 + (result["pre"][5]["params"] - result["pre"][4]["params"])  # lam = 1 on the first round
+        torch.testing.assert_close(result["post"][5], first, rtol=1e-6, atol=1e-6)
+        mixed = mean8 + 0.5 * (result["pre"][9]["params"] - result["pre"][8]["params"]) + 0.5 * 0.25 * (mean8 - mean4)
+        torch.testing.assert_close(result["post"][9], mixed, rtol=1e-6, atol=1e-6)
+    for result in ranks:  # no extra bytes for the mix
+        assert scheduled_bytes(result) == {"params": 3 * P4, "state/exp_avg": P4, "state/exp_avg_sq": P4}
+
+
 def test_bf16_true_parameters_are_averaged_in_bf16(tmp_path):
     ranks = launch("bf16", tmp_path)
     assert_trained_on(ranks, [SHARED_DEVICE] * 2)
