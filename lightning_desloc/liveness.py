@@ -11,7 +11,8 @@ take minutes. So liveness is kept apart from progress:
 * a **watchdog** thread, which never touches the store (a store request to a host that froze or whose
   machine vanished blocks without a bound), judges what the heartbeat thread last saw, on this
   process's monotonic clock (the machines' clocks need not agree): a peer whose counter has not moved
-  for ``peer_timeout_s`` seconds, or a store that has not answered for that long, is lost. It then logs
+  for ``peer_timeout_s`` seconds, or a store that has not answered for that long, is lost (a peer is
+  judged only while the store answers: when it has missed answers, the store's silence decides). It then logs
   an error naming the rank(s) and how long they were silent, and ends this process with exit code
   :data:`PEER_LOST_EXIT_CODE` through ``os._exit``: the main thread may be inside a collective that
   will never complete, so a normal exit (``atexit`` hooks, Python's shutdown) could block too.
@@ -312,6 +313,11 @@ class PeerLiveness:
                 if host_left or not watched:
                     return None  # the run is ending: the store's host (or everyone) finished normally
                 return PeerLoss(self.rank, silence, store_silent, self.peer_timeout_s, self._store_error)
+            if store_silent > 2 * self.heartbeat_s:
+                # the store has missed answers: what it last said of the peers is stale, and a peer's
+                # silence then cannot be told from the store's (a frozen store host stops both); the
+                # store's own silence decides, above, within peer_timeout_s
+                return None
             lost = {r: s for r, s in silence.items() if s > self.peer_timeout_s}
             return PeerLoss(self.rank, lost, None, self.peer_timeout_s) if lost else None
 

@@ -71,6 +71,22 @@ def test_peer_timeout_is_validated_and_sets_the_heartbeat():
     assert "peer_timeout_s" in DeslocStrategy.__doc__
 
 
+def test_a_peer_is_judged_only_while_the_store_answers():
+    # the watchdog's judgement on the heartbeat thread's last view, by hand (timeout 6 s, heartbeat 1 s):
+    # rank 0's counter last moved 7 s ago. With the store answering 0.5 s ago that is rank 0's loss; with
+    # the store silent for 5 s (a frozen store host stops both) nothing is decided until the store itself
+    # has been silent for the timeout, and then the store is named
+    watch = PeerLiveness(None, 1, 2, 6.0)
+    now = 1000.0
+    watch._seen[0] = liveness._Seen(value=b"3", changed_at=now - 7.0)
+    watch._last_answer = now - 0.5
+    assert watch._judge(now) == liveness.PeerLoss(1, {0: 7.0}, None, 6.0)
+    watch._last_answer = now - 5.0
+    assert watch._judge(now) is None
+    loss = watch._judge(now + 1.5)
+    assert loss is not None and loss.store_silent_s == 6.5 and loss.silent == {0: 8.5}
+
+
 class Losses:
     """Collects the losses one watch reports (in place of ending the process)."""
 
