@@ -448,7 +448,8 @@ ARGUMENT_DOCS: dict[str, str] = {
         its own parameter progress since the snapshot and takes the rest from the consensus's progress
         over the last period, extrapolated to the steps in flight (rule in :mod:`lightning_desloc.overlap`).
         Below 1 the ranks stay closer, which makes an ``overlap_steps`` close to ``param_sync_every``
-        cheaper in loss (docs/slow-link.md); each rank then keeps the last parameter mean (1x the
+        cheaper in loss (``0.5`` at ``K_x - 1``; for a small ``overlap_steps`` it costs loss instead:
+        docs/slow-link.md); each rank then keeps the last parameter mean (1x the
         parameters). ``1.0`` (default): the whole own progress.""",
     "ddp_warmup_steps": """``N``, a synchronous warm-up: the first ``N`` optimizer steps all-reduce the
         gradients (mean over ranks, ledger category ``grads``) before the step, as DDP does, so every rank
